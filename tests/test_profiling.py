@@ -1,0 +1,58 @@
+"""The step profiler's op categories, FLOP counts and time accounting on known programs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mhr_jax import profiling
+
+
+def _matmul_then_tanh():
+  f = jax.jit(lambda a, b: jnp.tanh(a @ b).sum())
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(256, 128)), jnp.float32)
+  b = jnp.asarray(np.random.default_rng(1).normal(size=(128, 64)), jnp.float32)
+  return f, a, b
+
+
+def test_hlo_ops_counts_the_dot_flops():
+  f, a, b = _matmul_then_tanh()
+  ops = profiling.hlo_ops(f.lower(a, b).compile().as_text())
+  flops = sorted(op["flops"] for op in ops.values() if op["flops"])
+  assert flops == [2.0 * 256 * 64 * 128], ops
+
+
+def test_xla_profile_accounts_the_step():
+  pytest.importorskip("tensorflow")
+  f, a, b = _matmul_then_tanh()
+  compiled = f.lower(a, b).compile()
+  res = profiling.xla_profile(lambda i: jax.block_until_ready(compiled(a, b)),
+                              compiled.as_text(), steps=3)
+  cats = res["categories"]
+  assert set(cats) == set(profiling.CATEGORIES)
+  assert cats["matmul"] > 0
+  assert res["matmul_flops"] == 2.0 * 256 * 64 * 128  # per step: one product per call
+  # Categories partition the step's wall time: unattributed is the rest, never negative.
+  attributed = sum(cats.values()) - cats["unattributed"]
+  assert sum(cats.values()) == pytest.approx(max(res["step_s"], attributed), rel=1e-9)
+  assert all(v >= 0 for v in cats.values())
+
+
+def test_torch_profile_counts_mm_flops_and_time():
+  torch = pytest.importorskip("torch")
+  a, b = torch.randn(256, 128), torch.randn(128, 64)
+  res = profiling.torch_profile(lambda i: torch.tanh(a @ b).sum(), steps=3)
+  assert res["matmul_flops"] == pytest.approx(2.0 * 256 * 64 * 128)
+  assert res["categories"]["matmul"] > 0 and res["categories"]["elementwise"] > 0
+  assert res["matmul_flops_per_s"] > 0
+
+
+def test_categories():
+  assert profiling._torch_category("aten::addmm") == "matmul"
+  assert profiling._torch_category("aten::_scaled_dot_product_flash_attention") == "matmul"
+  assert profiling._torch_category("aten::embedding_dense_backward") == "gather/scatter"
+  assert profiling._torch_category("aten::copy_") == "copy/transpose"
+  assert profiling._torch_category("aten::gelu") == "elementwise"
+  assert profiling._xla_category("copy_bitcast_fusion.3", {"opcode": "fusion", "flops": 0}) == \
+      "copy/transpose"
+  assert profiling._xla_category("ynn_fusion.3", {"opcode": "fusion", "flops": 8.0}) == "matmul"
