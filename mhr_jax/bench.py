@@ -13,6 +13,9 @@ Measurements (``--only`` takes these names):
             ``mhr`` (K skills, S splits) at the T5 v1.1 small and base shapes, ours and PEFT's.
             Derived: ours / PEFT tokens/s, MHR / LoRA and MHR / none step time, achieved / peak
             FLOP rate, ours / PEFT peak memory.
+  profile   where the step time goes, ours and PEFT's, no adapter and MHR: seconds per step in
+            matmuls (with their FLOP rate), elementwise ops, copies / transposes, gathers /
+            scatters and unattributed time (``mhr_jax.profiling``).
   scaling   ours, MHR step time as n_skills, n_splits and n_tasks grow, and mixed-task against
             single-task batches (one compiled step, two kinds of batch).
   vmap      fine-tuning 8 tasks at once (``jax.vmap`` over a leading task axis of the trainable
@@ -21,7 +24,8 @@ Measurements (``--only`` takes these names):
 
 Both sides do the same work: random-init T5 of the same shape (untied output head, no output
 scaling, dropout 0), adapters on every attention q, k, v, o (encoder self, decoder self, cross),
-rank r, routing with relaxed-Bernoulli noise in training (PEFT's Poly router always samples it in
+rank r, ours through the trainer's own step (``steps.make_train_step``), routing with
+relaxed-Bernoulli noise in training (PEFT's Poly router always samples it in
 ``train()`` mode), token-mean cross-entropy, AdamW (lr 1e-3, weight decay 0.01) over the
 trainable parameters only; the backbone is frozen. Times are medians over several steps after
 compilation (JAX) or warm-up steps (torch), each step synchronised (``jax.block_until_ready``).
@@ -223,33 +227,28 @@ def build_ours(cfg: StepConfig, seed: int = 0):
 
 
 def make_train_step(model, trainable_filter, learning_rate: float = 1e-3):
-  """A pure jitted train step on the split model: (trainable, opt_state, frozen, batch, key).
+  """The trainer's train step (``steps.make_train_step``) with a plain AdamW, in the argument
+  order ``(trainable, opt_state, frozen, inputs, targets, task_ids, key)`` used here.
 
-  Returns (step_fn, trainable, frozen, opt_state, tx, graphdef); ``step_fn`` is unjitted so
-  callers can jit or vmap it. Gradients flow to the trainable part only.
+  Returns (step_fn, trainable, frozen, opt_state); ``step_fn`` is unjitted so callers can jit or
+  vmap it, and returns ``(trainable, opt_state, loss)``. Gradients flow to the trainable part
+  only. No clipping or schedule: PEFT's side runs a plain ``torch.optim.AdamW``.
   """
-  import jax
   import optax
-  from flax import nnx
-  from mhr_jax import models
+  from mhr_jax import models, steps
 
-  graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+  graphdef, trainable, frozen = steps.split_model(model, trainable_filter)
   tx = optax.adamw(learning_rate, weight_decay=0.01)
   opt_state = tx.init(trainable)
+  train_step = steps.make_train_step(
+      graphdef, tx, lambda m, batch: models.loss_fn(m, batch, deterministic=False))
 
   def step(trainable, opt_state, frozen, inputs, targets, task_ids, key):
     batch = {
         "encoder_input_tokens": inputs, "decoder_target_tokens": targets,
         "decoder_input_tokens": models.shift_right(targets), "task_ids": task_ids}
-
-    def loss(trainable):
-      m = nnx.merge(graphdef, trainable, frozen, copy=True)  # fresh Variables at this trace level
-      nnx.reseed(m, routing=key)  # fresh relaxed-Bernoulli noise for this step
-      return models.loss_fn(m, batch, deterministic=False)[0]
-
-    value, grads = jax.value_and_grad(loss)(trainable)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, value
+    trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, batch, key)
+    return trainable, opt_state, metrics["loss"]
 
   return step, trainable, frozen, opt_state
 
@@ -313,6 +312,30 @@ def measure_ours_step(cfg: StepConfig, steps: int, warmup: int, budget_s: float,
     task_ids = jax.numpy.full_like(task_ids, task_ids[0])
     res["single_times"], _ = time_steps(run, steps, 1, budget_s)
   return res
+
+
+def measure_ours_profile(cfg: StepConfig, steps: int) -> dict[str, Any]:
+  """Per-op profile of our train step for ``cfg`` (``profiling.xla_profile``)."""
+  jax = _jax_setup()
+  from mhr_jax import profiling
+
+  model, tfilter, (inputs, targets, task_ids) = build_ours(cfg)
+  step, trainable, frozen, opt_state = make_train_step(model, tfilter)
+  del model
+  key = jax.random.key(0)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      trainable, opt_state, frozen, inputs, targets, task_ids, key).compile()
+  state = {"t": trainable, "o": opt_state}
+
+  def run(i):
+    t, o, loss = compiled(state["t"], state["o"], frozen, inputs, targets, task_ids,
+                          jax.random.fold_in(key, i))
+    jax.block_until_ready((t, o, loss))
+    state["t"], state["o"] = t, o
+
+  for i in range(2):
+    run(i)
+  return profiling.xla_profile(run, compiled.as_text(), steps)
 
 
 def measure_ours_peak(n: int, reps: int) -> dict[str, Any]:
@@ -434,6 +457,28 @@ def measure_peft_step(cfg: StepConfig, steps: int, warmup: int, budget_s: float,
   return {"times": times, "first_step_s": first, "n_trainable": int(sum(p.numel() for p in params))}
 
 
+def measure_peft_profile(cfg: StepConfig, steps: int, threads: int) -> dict[str, Any]:
+  """Per-op profile of HF T5 + PEFT's train step for ``cfg`` (``profiling.torch_profile``)."""
+  torch = _torch_setup(threads)
+  from mhr_jax import profiling
+
+  model, params = build_peft(cfg, threads)
+  opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+  inputs, targets, task_ids = (torch.from_numpy(x).long() for x in make_batch_np(cfg))
+  kwargs = {} if cfg.method in ("none", "lora") else {"task_ids": task_ids}
+
+  def run(i):
+    del i
+    out = model(input_ids=inputs, labels=targets, **kwargs)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  for i in range(2):
+    run(i)
+  return profiling.torch_profile(run, steps)
+
+
 def measure_torch_peak(n: int, reps: int, threads: int) -> dict[str, Any]:
   """Float32 n x n matmul rate of torch on this machine (FLOP/s)."""
   torch = _torch_setup(threads)
@@ -482,6 +527,12 @@ def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
         rec = _step_record(sub["name"], impl, c1, dict(res, times=res["single_times"]))
         rec["config"]["sweep"] = sub["sweep"]
         records.append(rec)
+  elif kind == "profile":
+    res = (measure_ours_profile(cfg, steps) if impl == "ours"
+           else measure_peft_profile(cfg, steps, threads))
+    records.append(dict(name="profile", impl=impl,
+                        config=dataclasses.asdict(cfg) | {"label": cfg.label()},
+                        median_s=res["step_s"], model_flops=step_flops(cfg)["step"], **res))
   elif kind == "interleaved":
     cfgs = [StepConfig(**c) for c in job["configs"]]
     for c, res in zip(cfgs, measure_ours_interleaved(cfgs, steps)):
@@ -553,7 +604,7 @@ QUICK = Plan(shapes=("tiny",), batch=2, in_len=16, tgt_len=8, steps=3, warmup=1,
              peak_n=256, n_skills_sweep=(), n_splits_sweep=(), n_tasks_sweep=(10, 1000),
              sweep_shape="tiny", sweep_steps=2, vmap_shape="tiny", vmap_jobs=2, vmap_steps=2,
              job_timeout_s=600.0, xla_flags="--xla_backend_optimization_level=0")
-ALL = ("peak", "step", "overhead", "scaling", "vmap")
+ALL = ("peak", "step", "profile", "overhead", "scaling", "vmap")
 
 
 def _cfg(plan: Plan, shape: str, **kw) -> dict[str, Any]:
@@ -581,6 +632,12 @@ def make_jobs(plan: Plan, only: tuple[str, ...], quick: bool) -> list[dict[str, 
           jobs.append(dict(kind="step", impl=impl, name="step", config=_cfg(plan, shape, **m),
                            steps=plan.steps, warmup=plan.warmup, budget_s=plan.step_budget_s,
                            **common))
+  if "profile" in only:
+    for shape in plan.shapes:
+      for m in (dict(method="none"), dict(method="mhr", n_splits=8)):
+        for impl in ("ours", "peft"):
+          jobs.append(dict(kind="profile", impl=impl, config=_cfg(plan, shape, **m),
+                           steps=plan.steps, **common))
   if "overhead" in only:
     for shape in plan.shapes:
       jobs.append(dict(kind="interleaved", impl="ours", steps=plan.steps + 2, **common, configs=[
@@ -654,6 +711,8 @@ def derive(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
   for r in ok:
     if r["name"] in ("step", "interleaved_step") and r["impl"] in peak:
       r["frac_of_peak"] = r["flops_per_s"] / peak[r["impl"]]
+    if r["name"] == "profile" and r["impl"] in peak and r.get("matmul_flops_per_s"):
+      r["matmul_frac_of_peak"] = r["matmul_flops_per_s"] / peak[r["impl"]]
   by = {(r["impl"],) + _key(r, "shape", "label"): r for r in steps}
   for (impl, shape, label), r in sorted(by.items()):
     if impl != "ours":
@@ -760,6 +819,25 @@ def _fmt(x, digits=3):
   return str(x)
 
 
+def profile_table(records: list[dict[str, Any]]) -> str:
+  """The ``profile`` records as one Markdown table: seconds per step by op category."""
+  from mhr_jax import profiling
+  cats = profiling.CATEGORIES[1:]
+  rows = ["| impl | config | step s | matmul s (share) | matmul GFLOP/s | matmul of peak | "
+          + " | ".join(f"{c} s" for c in cats) + " |",
+          "|---|---|---:|---:|---:|---:|" + "---:|" * len(cats)]
+  for r in records:
+    if r.get("name") != "profile" or "error" in r:
+      continue
+    c = r["categories"]
+    rate = r.get("matmul_flops_per_s")
+    rows.append("| " + " | ".join(
+        [r["impl"], f"{r['config']['shape']} {r['config']['label']}", _fmt(r["step_s"]),
+         f"{_fmt(c['matmul'])} ({r['matmul_share']:.0%})", _fmt(rate / 1e9 if rate else None),
+         _fmt(r.get("matmul_frac_of_peak"))] + [_fmt(c[k]) for k in cats]) + " |")
+  return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def markdown_table(records: list[dict[str, Any]]) -> str:
   """One Markdown table of every record."""
   head = ("| name | impl | config | median s | tokens/s | GFLOP/s | of peak | peak RSS MiB "
@@ -767,6 +845,8 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
           "|---|---|---|---:|---:|---:|---:|---:|---:|")
   rows = [head]
   for r in records:
+    if r.get("name") == "profile" and "error" not in r:
+      continue  # in profile_table
     c = r.get("config", {})
     if "label" in c:
       cs = f"{c.get('shape')} {c['label']}"
@@ -843,6 +923,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for r in records + derived:
       f.write(json.dumps(r) + "\n")
   table = markdown_table(records + derived)
+  profiles = profile_table(records)
+  if profiles:
+    table += "\n\nWhere the step time goes (seconds per step, `mhr_jax.profiling`):\n\n" + profiles
   (out / "table.md").write_text(
       f"Command: `{command}`  \nDate: {info['date']}  \nMachine: {info['nproc']} cores, "
       f"{info['cpu_model']}, {info['mem_gib']} GiB; no GPU; load average at start "

@@ -58,6 +58,11 @@ def test_derived_ratios_come_from_the_medians():
     records.append(dict(name="scaling", impl="ours", median_s=med, tokens_per_s=1 / med,
                         config=dict(shape="small2", label="mhr_k8_s8", sweep="n_tasks",
                                     n_tasks=t, single_task=single)))
+  records.append(dict(name="profile", impl="ours", median_s=1.0, step_s=1.0,
+                      config=dict(shape="small", label="none"), matmul_flops=2e9,
+                      matmul_flops_per_s=2e9, matmul_share=0.5,
+                      categories={"matmul": 0.5, "elementwise": 0.3, "copy/transpose": 0.1,
+                                  "gather/scatter": 0.0, "unattributed": 0.1}))
   derived = bench.derive(records)
   by = {(r["name"], r["impl"], json.dumps(r["config"], sort_keys=True)): r for r in derived}
 
@@ -77,8 +82,11 @@ def test_derived_ratios_come_from_the_medians():
   assert [r["ratio"] for r in scaling] == [1.0, pytest.approx(1.1)]
   ours_none = next(r for r in records if r["name"] == "step" and r["impl"] == "ours")
   assert ours_none["frac_of_peak"] == pytest.approx(1e9 / 4e9)
+  assert records[-1]["matmul_frac_of_peak"] == pytest.approx(0.5)
   table = bench.markdown_table(records + derived)
-  assert table.count("\n") == len(records + derived) + 1
+  assert table.count("\n") == len(records + derived)  # + header - the profile record
+  profiles = bench.profile_table(records)
+  assert profiles.count("\n") == 2 and "| ours | small none | 1 | 0.5 (50%) | 2 | 0.5 |" in profiles
 
 
 @pytest.mark.slow
@@ -108,5 +116,10 @@ def test_quick_run_writes_json_lines_and_table(tmp_path):
       assert r["ratio"] == pytest.approx(peft["median_s"] / ours["median_s"])
   names = {r["name"] for r in records}
   assert {"peak_matmul", "speedup_vs_peft", "routing_overhead", "memory_vs_peft", "scaling",
-          "mixed_vs_single_task", "finetune_loop", "finetune_vmap", "vmap_speedup"} <= names
+          "mixed_vs_single_task", "finetune_loop", "finetune_vmap", "vmap_speedup", "profile"} <= names
+  for r in records:
+    if r["name"] == "profile":
+      assert set(r["categories"]) == {"matmul", "elementwise", "copy/transpose",
+                                      "gather/scatter", "unattributed"}
+      assert r["categories"]["matmul"] > 0 and r["matmul_flops"] > 0
   assert "| name | impl |" in (tmp_path / "table.md").read_text()
