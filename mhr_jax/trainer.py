@@ -396,6 +396,8 @@ def run(
       backbone=model_config.hf_checkpoint or model_config.backbone_run,
       model_config=dataclasses.asdict(model_config),
       adapter_config=_adapter_dict(adapter_config, table) if mode != FULL else None)
+  metadata.update(routing_update=(
+      "rows" if isinstance(tx, optimizers.RowSparseOptimizer) else "dense"))
   metadata.update(kind=kind, init_from=train_config.init_from,
                   copies=[name for name, _ in copies] if train_config.vmap_tasks else None)
   ckpt = checkpoints.CheckpointManager(str(model_dir / "checkpoints"),

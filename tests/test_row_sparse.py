@@ -268,5 +268,9 @@ def test_trainer_runs_rows_mode_through_gin_and_resumes_from_its_checkpoint(tmp_
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg="/".join(k))
+  # The dense and row-sparse optimizer states differ: switching mode on resume is named.
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match="routing_update: checkpoint 'rows', config 'dense'"):
+    _gin_run(resumed, "OptimizerConfig.routing_update='dense'", "TRAIN_STEPS=6")
   with pytest.raises(ValueError, match="vmap_tasks"):
     _gin_run(tmp_path / "vmap", "TrainConfig.vmap_tasks=True")
