@@ -74,10 +74,16 @@ def make_metadata(
 
 
 def check_metadata(saved: dict, expected: dict) -> None:
-  """Raises ``CheckpointMismatchError`` naming every mode, task-table and shape difference."""
+  """Raises ``CheckpointMismatchError`` naming every mode, routing-update, task-table and shape
+  difference."""
   problems = []
   if saved.get("mode") != expected.get("mode"):
     problems.append(f"mode: checkpoint {saved.get('mode')!r}, config {expected.get('mode')!r}")
+  # The two routing updates keep differently shaped optimizer states (older checkpoints: dense).
+  s_update = saved.get("routing_update", "dense")
+  e_update = expected.get("routing_update", "dense")
+  if s_update != e_update:
+    problems.append(f"routing_update: checkpoint {s_update!r}, config {e_update!r}")
   s_tasks, e_tasks = saved.get("task_table", {}), expected.get("task_table", {})
   for name in sorted(set(s_tasks) - set(e_tasks)):
     problems.append(f"task {name!r} (id {s_tasks[name]}) is in the checkpoint, not the config")
@@ -213,7 +219,8 @@ class CheckpointManager:
     saved = self.metadata(step)
     target_shapes = param_shapes(abstract_trainable)
     if expected is None:
-      expected = dict(mode=saved.get("mode"), task_table=saved.get("task_table", {}))
+      expected = dict(mode=saved.get("mode"), task_table=saved.get("task_table", {}),
+                      routing_update=saved.get("routing_update", "dense"))
     check_metadata(saved, dict(expected, trainable_shapes=target_shapes))
     tr_target = _copy(abstract_trainable)
     pure = jax.tree.map(_abstract_leaf, tr_target.to_pure_dict()

@@ -11,6 +11,10 @@ arguments: the same key gives the same dropout masks on every mesh, the RNG coun
 ``frozen`` never change, and ``frozen`` is not an output of the step. The trainer derives the
 key of step ``s`` as ``jax.random.fold_in(base_key, s)``, which also makes resumed runs repeat
 the masks of uninterrupted ones.
+
+Routing tables can be updated row-sparsely (``OptimizerConfig.routing_update="rows"``): the
+step then differentiates only the rows of the batch's tasks (``make_train_step`` recognises
+the ``optimizers.RowSparseOptimizer`` that ``make_optimizer`` returns for it).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from mhr_jax import adapters, optimizers, routing
 from mhr_jax import sharding as sharding_lib
 
 # loss_fn(model, batch) -> (scalar loss, dict of scalar metrics)
@@ -51,15 +56,21 @@ def reseed(model: nnx.Module, rng: jax.Array) -> None:
     nnx.reseed(model, **{tag: jax.random.fold_in(rng, i) for i, tag in enumerate(tags)})
 
 
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    loss_fn: LossFn):
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation | optimizers.RowSparseOptimizer,
+    loss_fn: LossFn):
   """A pure ``train_step(trainable, frozen, opt_state, batch, rng)``.
 
   Returns ``(trainable, opt_state, metrics)``. ``metrics`` has the loss function's metrics plus
   ``loss``, ``grad_norm`` and ``is_finite``; when the loss or a gradient is not finite the
   returned ``trainable`` and ``opt_state`` are the inputs unchanged, so the trainer can stop (or
   skip) without the bad update having touched the state.
+
+  With an ``optimizers.RowSparseOptimizer`` the step is ``make_row_sparse_train_step``'s.
   """
+  if isinstance(optimizer, optimizers.RowSparseOptimizer):
+    return make_row_sparse_train_step(graphdef, optimizer, loss_fn)
 
   def train_step(trainable, frozen, opt_state, batch, rng):
 
@@ -72,6 +83,77 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
     grad_norm = optax.tree.norm(grads)
+    is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def keep_if_bad(new, old):
+      return jax.tree.map(lambda n, o: jnp.where(is_finite, n, o), new, old)
+
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, is_finite=is_finite)
+    return keep_if_bad(new_trainable, trainable), keep_if_bad(new_opt_state, opt_state), metrics
+
+  return train_step
+
+
+def _n_tasks(routing_tables: nnx.State) -> int:
+  """The number of rows shared by every routing table."""
+  sizes = {x.shape[0] for x in jax.tree.leaves(routing_tables)}
+  if len(sizes) != 1:
+    raise ValueError(f"routing tables with different numbers of rows {sorted(sizes)}: the "
+                     "row-sparse update needs one task table for every router")
+  return sizes.pop()
+
+
+def batch_rows(task_ids: jax.Array, n_tasks: int) -> tuple[jax.Array, jax.Array]:
+  """``(rows, local_ids)``: the routing rows a batch reads and its task ids into them.
+
+  ``rows`` (B,) holds the distinct valid ids, padded with ``n_tasks`` (outside the tables:
+  reads zeros, writes nothing); ``rows[local_ids] == task_ids`` for valid ids. An id outside
+  [0, n_tasks) maps to B, outside the B gathered rows, so the router's guard still turns its
+  routing into NaN (and the loss non-finite) instead of silently using another row.
+  """
+  size = task_ids.shape[0]
+  valid = (task_ids >= 0) & (task_ids < n_tasks)
+  ids = jnp.where(valid, task_ids, n_tasks)
+  rows, inverse = jnp.unique(ids, size=size, fill_value=n_tasks, return_inverse=True)
+  local_ids = jnp.where(valid, inverse.reshape(task_ids.shape), size)
+  return rows, local_ids.astype(task_ids.dtype)
+
+
+def make_row_sparse_train_step(graphdef: nnx.GraphDef,
+                               optimizer: optimizers.RowSparseOptimizer, loss_fn: LossFn):
+  """``make_train_step``'s step with a row-sparse update of the routing tables.
+
+  The model is merged with only the B rows of each routing table that the batch's tasks use
+  (``batch_rows``) and the batch's ``task_ids`` renumbered into them, so autodiff yields
+  (B, ...) gradients and no (n_tasks, ...) gradient is ever formed; the optimizer then updates
+  those rows and their moments in place (``optimizers.RowSparseOptimizer``). Same contract as
+  ``make_train_step``. Routers holding frozen rows (``FrozenRouterParam``) are refused.
+  """
+
+  def train_step(trainable, frozen, opt_state, batch, rng):
+    if any(isinstance(v, adapters.FrozenRouterParam)
+           for v in jax.tree.leaves(frozen, is_leaf=lambda x: isinstance(x, nnx.Variable))):
+      raise ValueError("routing_update='rows' does not support routers with frozen rows "
+                       "(FrozenRouterParam, e.g. MHR-z after add_tasks): use 'dense'")
+    tables, rest = optimizers.split_routing(trainable)
+    n_tasks = _n_tasks(tables)
+    task_ids = batch["task_ids"]
+    routing.check_task_ids(task_ids, n_tasks)  # eager calls: name the bad ids as 'dense' does
+    rows, local_ids = batch_rows(task_ids, n_tasks)
+    row_tables = jax.tree.map(lambda t: optimizers.take_rows(t, rows), tables)
+    local_batch = dict(batch, task_ids=local_ids)
+
+    def compute_loss(rest, row_tables):
+      model = nnx.merge(graphdef, rest, row_tables, frozen, copy=True)
+      reseed(model, rng)
+      return loss_fn(model, local_batch)
+
+    (loss, metrics), (rest_grads, row_grads) = jax.value_and_grad(
+        compute_loss, argnums=(0, 1), has_aux=True)(rest, row_tables)
+    new_rest, new_tables, new_opt_state = optimizer.update(
+        rest_grads, row_grads, opt_state, rest, tables, rows)
+    new_trainable = nnx.merge_state(new_tables, new_rest)
+    grad_norm = optax.tree.norm((rest_grads, row_grads))
     is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def keep_if_bad(new, old):

@@ -276,6 +276,17 @@ def _loss(train_cfg: TrainConfig):
   return loss
 
 
+def _check_row_sparse(model: nnx.Module, train_cfg: TrainConfig) -> None:
+  """Refuses what the row-sparse routing update does not support, before any step is built."""
+  if train_cfg.vmap_tasks:
+    raise ValueError("OptimizerConfig.routing_update='rows' cannot be combined with "
+                     "TrainConfig.vmap_tasks: use routing_update='dense' for vmapped fine-tuning")
+  if any(r.frozen_router_logits is not None for r in adapters.routers(model)):
+    raise ValueError("OptimizerConfig.routing_update='rows' does not support routers with frozen "
+                     "rows (FrozenRouterParam: fine-tuning new tasks after pre-training, MHR-z): "
+                     "use routing_update='dense'")
+
+
 def _stack(trees: Sequence[Any]):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
@@ -353,6 +364,8 @@ def run(
       "trainable": int(sum(np.prod(x.shape) for x in jax.tree.leaves(trainable)))}
   tx = (optimizers.make_full_optimizer(optimizer_config) if mode == FULL
         else optimizers.make_optimizer(optimizer_config, trainable))
+  if isinstance(tx, optimizers.RowSparseOptimizer):
+    _check_row_sparse(model, train_config)
   n_copies = len(copies)
 
   # 4. Shard and jit.
@@ -383,6 +396,8 @@ def run(
       backbone=model_config.hf_checkpoint or model_config.backbone_run,
       model_config=dataclasses.asdict(model_config),
       adapter_config=_adapter_dict(adapter_config, table) if mode != FULL else None)
+  metadata.update(routing_update=(
+      "rows" if isinstance(tx, optimizers.RowSparseOptimizer) else "dense"))
   metadata.update(kind=kind, init_from=train_config.init_from,
                   copies=[name for name, _ in copies] if train_config.vmap_tasks else None)
   ckpt = checkpoints.CheckpointManager(str(model_dir / "checkpoints"),
