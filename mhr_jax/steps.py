@@ -150,17 +150,25 @@ def make_row_sparse_train_step(graphdef: nnx.GraphDef,
 
     (loss, metrics), (rest_grads, row_grads) = jax.value_and_grad(
         compute_loss, argnums=(0, 1), has_aux=True)(rest, row_tables)
-    new_rest, new_tables, new_opt_state = optimizer.update(
-        rest_grads, row_grads, opt_state, rest, tables, rows)
-    new_trainable = nnx.merge_state(new_tables, new_rest)
     grad_norm = optax.tree.norm((rest_grads, row_grads))
     is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A bad step writes no row: every row index becomes the out-of-range fill, which the
+    # scatter drops. Selecting old against new over the whole tables instead would cost
+    # O(n_tasks) again.
+    write_rows = jnp.where(is_finite, rows, n_tasks)
+    new_rest, new_tables, new_opt_state = optimizer.update(
+        rest_grads, row_grads, opt_state, rest, tables, write_rows)
 
     def keep_if_bad(new, old):
       return jax.tree.map(lambda n, o: jnp.where(is_finite, n, o), new, old)
 
+    new_trainable = nnx.merge_state(new_tables, keep_if_bad(new_rest, rest))
+    new_opt_state = new_opt_state._replace(
+        rest=keep_if_bad(new_opt_state.rest, opt_state.rest),
+        routing=new_opt_state.routing._replace(count=keep_if_bad(
+            new_opt_state.routing.count, opt_state.routing.count)))
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, is_finite=is_finite)
-    return keep_if_bad(new_trainable, trainable), keep_if_bad(new_opt_state, opt_state), metrics
+    return new_trainable, new_opt_state, metrics
 
   return train_step
 

@@ -1,5 +1,6 @@
 """Row-sparse (lazy AdamW) update of the routing tables: OptimizerConfig.routing_update="rows"."""
 
+import functools
 import shutil
 
 import gin
@@ -20,7 +21,10 @@ def _loss(model, b):
   return models.loss_fn(model, b, deterministic=True)
 
 
+@functools.lru_cache(maxsize=None)
 def _setup(opt_config, n_tasks=N_TASKS, seed=0):
+  """Model split, optimizer and jitted step; cached so tests with one config compile it once
+  (jax arrays are immutable and the step is pure, so sharing is safe)."""
   model = tiny_model(n_tasks=n_tasks, seed=seed)
   graphdef, trainable, frozen = optimizers.split_trainable(model, "mhr")
   tx = optimizers.make_optimizer(opt_config, trainable)
@@ -252,6 +256,7 @@ def _gin_run(model_dir, *extra):
     gin.clear_config()
 
 
+@pytest.mark.slow  # two gin runs with compilation on 8 fake devices: about 110 s
 def test_trainer_runs_rows_mode_through_gin_and_resumes_from_its_checkpoint(tmp_path):
   full = tmp_path / "full"
   res = _gin_run(full)
