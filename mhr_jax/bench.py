@@ -90,6 +90,10 @@ class StepConfig:
   n_splits: int = 8
   n_tasks: int = 100
   single_task: bool = False  # every example of a batch has the same task
+  # "" : a plain optax AdamW over everything that trains (what PEFT's side runs);
+  # "dense" / "rows": the trainer's optimizer (optimizers.make_optimizer, no clipping, constant
+  # learning rate) with that OptimizerConfig.routing_update.
+  routing_update: str = ""
 
   @property
   def tokens(self) -> int:
@@ -97,7 +101,8 @@ class StepConfig:
 
   def label(self) -> str:
     if self.method == "mhr":
-      return f"mhr_k{self.n_skills}_s{self.n_splits}"
+      suffix = f"_{self.routing_update}" if self.routing_update else ""
+      return f"mhr_k{self.n_skills}_s{self.n_splits}{suffix}"
     if self.method == "poly":
       return f"poly_k{self.n_skills}"
     return self.method
@@ -226,19 +231,27 @@ def build_ours(cfg: StepConfig, seed: int = 0):
   return model, trainable, (jnp.asarray(inputs), jnp.asarray(targets), jnp.asarray(task_ids))
 
 
-def make_train_step(model, trainable_filter, learning_rate: float = 1e-3):
+def make_train_step(model, trainable_filter, learning_rate: float = 1e-3,
+                    routing_update: str = ""):
   """The trainer's train step (``steps.make_train_step``) with a plain AdamW, in the argument
   order ``(trainable, opt_state, frozen, inputs, targets, task_ids, key)`` used here.
 
   Returns (step_fn, trainable, frozen, opt_state); ``step_fn`` is unjitted so callers can jit or
   vmap it, and returns ``(trainable, opt_state, loss)``. Gradients flow to the trainable part
-  only. No clipping or schedule: PEFT's side runs a plain ``torch.optim.AdamW``.
+  only. No clipping or schedule: PEFT's side runs a plain ``torch.optim.AdamW``. With
+  ``routing_update`` ("dense" or "rows") the optimizer is the trainer's
+  (``optimizers.make_optimizer``, clipping off, warm-up off) with that routing update.
   """
   import optax
-  from mhr_jax import models, steps
+  from mhr_jax import models, optimizers, steps
 
   graphdef, trainable, frozen = steps.split_model(model, trainable_filter)
-  tx = optax.adamw(learning_rate, weight_decay=0.01)
+  if routing_update:
+    tx = optimizers.make_optimizer(optimizers.OptimizerConfig(
+        learning_rate=learning_rate, routing_learning_rate=learning_rate, warmup_fraction=0.0,
+        total_steps=10 ** 9, grad_clip_norm=None, routing_update=routing_update), trainable)
+  else:
+    tx = optax.adamw(learning_rate, weight_decay=0.01)
   opt_state = tx.init(trainable)
   train_step = steps.make_train_step(
       graphdef, tx, lambda m, batch: models.loss_fn(m, batch, deterministic=False))
@@ -293,7 +306,8 @@ def measure_ours_step(cfg: StepConfig, steps: int, warmup: int, budget_s: float,
   from flax import nnx
 
   model, tfilter, (inputs, targets, task_ids) = build_ours(cfg)
-  step, trainable, frozen, opt_state = make_train_step(model, tfilter)
+  step, trainable, frozen, opt_state = make_train_step(model, tfilter,
+                                                       routing_update=cfg.routing_update)
   del model
   jstep = jax.jit(step, donate_argnums=(0, 1))
   state = {"t": trainable, "o": opt_state}
@@ -585,9 +599,9 @@ class Plan:
   warmup: int = 1
   step_budget_s: float = 60.0
   peak_n: int = 2048
-  n_skills_sweep: tuple[int, ...] = (2, 64)
-  n_splits_sweep: tuple[int, ...] = (1, 64)
-  n_tasks_sweep: tuple[int, ...] = (10, 10000)
+  n_skills_sweep: tuple[int, ...] = (2, 8, 64)
+  n_splits_sweep: tuple[int, ...] = (1, 8, 64)
+  n_tasks_sweep: tuple[int, ...] = (10, 1000, 10000)
   sweep_shape: str = "small2"
   sweep_steps: int = 3
   vmap_shape: str = "small2"
@@ -653,8 +667,12 @@ def make_jobs(plan: Plan, only: tuple[str, ...], quick: bool) -> list[dict[str, 
     for t in plan.n_tasks_sweep:
       subs.append(dict(name="scaling", sweep="n_tasks", also_single_task=t == plan.n_tasks_sweep[0],
                        config=_cfg(plan, plan.sweep_shape, method="mhr", n_tasks=t)))
+    for update in ("dense", "rows"):
+      for t in plan.n_tasks_sweep:
+        subs.append(dict(name="scaling", sweep=f"n_tasks_{update}", config=_cfg(
+            plan, plan.sweep_shape, method="mhr", n_tasks=t, routing_update=update)))
     # One subprocess per sweep axis keeps each within its timeout.
-    for axis in ("n_skills", "n_splits", "n_tasks"):
+    for axis in ("n_skills", "n_splits", "n_tasks", "n_tasks_dense", "n_tasks_rows"):
       if not any(s["sweep"] == axis for s in subs):
         continue
       jobs.append(dict(kind="sweep", impl="ours", configs=[s for s in subs if s["sweep"] == axis],
@@ -755,13 +773,14 @@ def derive(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         ratio=m["median_s"] / d["median_s"],
                         what=f"{label} step time / {ref} step time, steps taken in turn"))
   scaling = [r for r in ok if r["name"] == "scaling"]
-  for axis in ("n_skills", "n_splits", "n_tasks"):
+  for axis in ("n_skills", "n_splits", "n_tasks", "n_tasks_dense", "n_tasks_rows"):
     rows = [r for r in scaling if r["config"]["sweep"] == axis and not r["config"]["single_task"]]
     if rows:
       first = rows[0]
+      field = axis if axis in first["config"] else "n_tasks"
       for r in rows:
         r["ratio"] = r["median_s"] / first["median_s"]
-        r["what"] = f"step time / step time at {axis}={first['config'][axis]}"
+        r["what"] = f"step time / step time at {field}={first['config'][field]}"
   mixed = [r for r in scaling if r["config"]["sweep"] == "n_tasks"]
   single = [r for r in mixed if r["config"]["single_task"]]
   for s in single:
