@@ -51,12 +51,14 @@ def hlo_ops(hlo_text: str) -> dict[str, dict[str, Any]]:
     elif current is not None:
       comps[current].append(line)
 
-  def dot_flops(lines: list[str]) -> float:
+  def dot_flops(lines: list[str], only: str | None = None) -> float:
+    """FLOPs of the dots among ``lines`` (of the one dot ``only`` when given)."""
     shapes, flops = {}, 0.0
     for line in lines:
       d = re.match(r"\s+(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]", line)
       if d:
         shapes[d.group(1)] = _dims(d.group(2))
+    for line in lines if only is None else [only]:
       m = re.search(r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %[\w.\-]+\).*"
                     r"lhs_contracting_dims=\{([\d,]*)\}", line)
       if m and m.group(2) in shapes:
@@ -84,7 +86,7 @@ def hlo_ops(hlo_text: str) -> dict[str, dict[str, Any]]:
       meta = re.search(r'op_name="([^"]+)"', line)
       flops = dot_flops(comps.get(calls.group(1), [])) if calls else 0.0
       if opcode == "dot":
-        flops = dot_flops([line] + [x for x in lines if " = " in x])
+        flops = dot_flops(lines, only=line)
       ops[name] = dict(opcode=opcode, fusion=kind.group(1) if kind else "", flops=flops,
                        source=meta.group(1) if meta else "")
   return ops

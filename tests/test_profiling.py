@@ -56,3 +56,18 @@ def test_categories():
   assert profiling._xla_category("copy_bitcast_fusion.3", {"opcode": "fusion", "flops": 0}) == \
       "copy/transpose"
   assert profiling._xla_category("ynn_fusion.3", {"opcode": "fusion", "flops": 8.0}) == "matmul"
+
+
+def test_hlo_ops_counts_each_dot_once_in_a_program_with_several():
+  # Attention-like batched products stay plain `dot` ops on CPU; each must count only itself.
+  def f(q, k, w):
+    s = jnp.einsum("bqd,bkd->bqk", q, k)
+    return jnp.tanh(jnp.einsum("bqk,bkd->bqd", s, k) @ w).sum()
+
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(4, 16, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(4, 32, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(8, 24)), jnp.float32)
+  ops = profiling.hlo_ops(jax.jit(f).lower(q, k, w).compile().as_text())
+  expected = 2.0 * (4 * 16 * 32 * 8 + 4 * 16 * 8 * 32 + 4 * 16 * 24 * 8)
+  assert sum(op["flops"] for op in ops.values()) == expected
