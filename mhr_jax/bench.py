@@ -506,6 +506,56 @@ def measure_peft_profile(cfg: StepConfig, steps: int, threads: int) -> dict[str,
   return profiling.torch_profile(run, steps)
 
 
+def measure_versus(cfg: StepConfig, rounds: int, threads: int) -> dict[str, Any]:
+  """Ours and PEFT's step for ``cfg`` in one process, one step of each in turn.
+
+  Each round times one step of ours then one of PEFT's, so both see the same machine load; the
+  ratio of their medians is the side-by-side figure (separate processes, as in ``step``, see
+  different load when the machine is shared). Peak memory cannot be told apart here.
+  """
+  jax = _jax_setup()
+  torch = _torch_setup(threads)
+  model, tfilter, (inputs, targets, task_ids) = build_ours(cfg)
+  step, trainable, frozen, opt_state = make_train_step(model, tfilter)
+  del model
+  jstep = jax.jit(step, donate_argnums=(0, 1))
+  state = {"t": trainable, "o": opt_state}
+  base_key = jax.random.key(0)
+
+  def run_ours(i):
+    t, o, loss = jstep(state["t"], state["o"], frozen, inputs, targets, task_ids,
+                       jax.random.fold_in(base_key, i))
+    jax.block_until_ready((t, o, loss))
+    state["t"], state["o"] = t, o
+
+  pmodel, params = build_peft(cfg, threads)
+  opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+  p_in, p_tgt, p_ids = (torch.from_numpy(x).long() for x in make_batch_np(cfg))
+  kwargs = {} if cfg.method in ("none", "lora") else {"task_ids": p_ids}
+
+  def run_peft(i):
+    del i
+    out = pmodel(input_ids=p_in, labels=p_tgt, **kwargs)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  t0 = time.perf_counter()
+  run_ours(0)
+  first = time.perf_counter() - t0
+  for i in range(2):  # warm-up: compiled step's second call, torch's allocator and threads
+    run_ours(i + 1)
+    run_peft(i)
+  times = {"ours": [], "peft": []}
+  for i in range(rounds):
+    for impl, run in (("ours", run_ours), ("peft", run_peft)):
+      t = time.perf_counter()
+      run(i + 3)
+      times[impl].append(time.perf_counter() - t)
+  return {"ours": {"times": times["ours"], "first_step_s": first},
+          "peft": {"times": times["peft"]}}
+
+
 def measure_torch_peak(n: int, reps: int, threads: int) -> dict[str, Any]:
   """Float32 n x n matmul rate of torch on this machine (FLOP/s)."""
   torch = _torch_setup(threads)
@@ -562,6 +612,10 @@ def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
     records.append(dict(name="profile", impl=impl,
                         config=dataclasses.asdict(cfg) | {"label": cfg.label()},
                         median_s=res["step_s"], model_flops=step_flops(cfg)["step"], **res))
+  elif kind == "versus":
+    res = measure_versus(cfg, steps, threads)
+    for side in ("ours", "peft"):
+      records.append(_step_record("versus_step", side, cfg, res[side]))
   elif kind == "interleaved":
     cfgs = [StepConfig(**c) for c in job["configs"]]
     for c, res in zip(cfgs, measure_ours_interleaved(cfgs, steps)):
@@ -635,7 +689,7 @@ QUICK = Plan(shapes=("tiny",), batch=2, in_len=16, tgt_len=8, steps=3, warmup=1,
              peak_n=256, n_skills_sweep=(), n_splits_sweep=(), n_tasks_sweep=(10, 1000),
              sweep_shape="tiny", sweep_steps=2, vmap_shape="tiny", vmap_jobs=2, vmap_steps=2,
              job_timeout_s=600.0, xla_flags="--xla_backend_optimization_level=0")
-ALL = ("peak", "step", "profile", "overhead", "scaling", "vmap")
+ALL = ("peak", "step", "versus", "profile", "overhead", "scaling", "vmap")
 
 
 def _cfg(plan: Plan, shape: str, **kw) -> dict[str, Any]:
@@ -663,6 +717,11 @@ def make_jobs(plan: Plan, only: tuple[str, ...], quick: bool) -> list[dict[str, 
           jobs.append(dict(kind="step", impl=impl, name="step", config=_cfg(plan, shape, **m),
                            steps=plan.steps, warmup=plan.warmup, budget_s=plan.step_budget_s,
                            **common))
+  if "versus" in only:
+    for shape in plan.shapes:
+      for m in step_methods():
+        jobs.append(dict(kind="versus", impl="ours+peft", config=_cfg(plan, shape, **m),
+                         steps=plan.steps + 2, **common))
   if "profile" in only:
     for shape in plan.shapes:
       for m in (dict(method="none"), dict(method="mhr", n_splits=8)):
@@ -702,7 +761,7 @@ def make_jobs(plan: Plan, only: tuple[str, ...], quick: bool) -> list[dict[str, 
     # Quick mode: one process per implementation (start-up dominates at tiny shapes); run one
     # after the other, as XLA's and torch's thread pools would fight over the cores.
     jobs = [dict(kind="group", impl=impl, jobs=[j for j in jobs if j["impl"] == impl])
-            for impl in ("ours", "peft")]
+            for impl in ("ours", "peft", "ours+peft")]
     jobs = [j for j in jobs if j["jobs"]]
   return jobs
 
@@ -746,7 +805,7 @@ def derive(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
   out = []
   steps = [r for r in ok if r["name"] == "step"]
   for r in ok:
-    if peak and r["name"] in ("step", "interleaved_step"):
+    if peak and r["name"] in ("step", "interleaved_step", "versus_step"):
       r["frac_of_peak"] = r["flops_per_s"] / peak
     if peak and r["name"] == "profile" and r.get("matmul_flops_per_s"):
       r["matmul_frac_of_peak"] = r["matmul_flops_per_s"] / peak
@@ -779,6 +838,14 @@ def derive(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                             median_s=m["median_s"], tokens_per_s=m["tokens_per_s"],
                             ratio=m["median_s"] / d["median_s"],
                             what=f"MHR step time / {ref} step time"))
+  vs = {(r["impl"],) + _key(r, "shape", "label"): r for r in ok if r["name"] == "versus_step"}
+  for (impl, shape, label), r in sorted(vs.items()):
+    p = vs.get(("peft", shape, label))
+    if impl == "ours" and p is not None:
+      out.append(dict(name="speedup_vs_peft_side_by_side", impl="ours/peft",
+                      config=dict(shape=shape, label=label), median_s=r["median_s"],
+                      tokens_per_s=r["tokens_per_s"], ratio=p["median_s"] / r["median_s"],
+                      what="PEFT median / ours median, steps taken in turn in one process"))
   inter = {_key(r, "shape", "label"): r for r in ok if r["name"] == "interleaved_step"}
   for (shape, label), m in sorted(inter.items()):
     if not label.startswith(("mhr", "poly")):

@@ -63,6 +63,8 @@ def test_derived_ratios_come_from_the_medians():
                       matmul_flops_per_s=2e9, matmul_share=0.5,
                       categories={"matmul": 0.5, "elementwise": 0.3, "copy/transpose": 0.1,
                                   "gather/scatter": 0.0, "unattributed": 0.1}))
+  for impl, med in (("ours", 2.0), ("peft", 3.0)):
+    records.append(dict(_step(impl, "mhr_k8_s8", med), name="versus_step"))
   derived = bench.derive(records)
   by = {(r["name"], r["impl"], json.dumps(r["config"], sort_keys=True)): r for r in derived}
 
@@ -77,12 +79,15 @@ def test_derived_ratios_come_from_the_medians():
   assert get("routing_overhead", "peft", shape="small", label="mhr_k8_s8",
              versus="none")["ratio"] == 3.0
   assert get("vmap_speedup", "ours", shape="small2", n_jobs=8)["ratio"] == 4.0
+  assert get("speedup_vs_peft_side_by_side", "ours/peft", shape="small",
+             label="mhr_k8_s8")["ratio"] == 1.5
   assert get("mixed_vs_single_task", "ours", shape="small2", n_tasks=10)["ratio"] == 2.0
   scaling = [r for r in records if r["name"] == "scaling" and not r["config"]["single_task"]]
   assert [r["ratio"] for r in scaling] == [1.0, pytest.approx(1.1)]
   ours_none = next(r for r in records if r["name"] == "step" and r["impl"] == "ours")
   assert ours_none["frac_of_peak"] == pytest.approx(1e9 / 4e9)
-  assert records[-1]["matmul_frac_of_peak"] == pytest.approx(0.5)
+  profile = next(r for r in records if r["name"] == "profile")
+  assert profile["matmul_frac_of_peak"] == pytest.approx(0.5)
   table = bench.markdown_table(records + derived)
   assert table.count("\n") == len(records + derived)  # + header - the profile record
   profiles = bench.profile_table(records)
@@ -116,7 +121,8 @@ def test_quick_run_writes_json_lines_and_table(tmp_path):
       assert r["ratio"] == pytest.approx(peft["median_s"] / ours["median_s"])
   names = {r["name"] for r in records}
   assert {"peak_matmul", "speedup_vs_peft", "routing_overhead", "memory_vs_peft", "scaling",
-          "mixed_vs_single_task", "finetune_loop", "finetune_vmap", "vmap_speedup", "profile"} <= names
+          "mixed_vs_single_task", "finetune_loop", "finetune_vmap", "vmap_speedup", "profile", "versus_step",
+          "speedup_vs_peft_side_by_side"} <= names
   for r in records:
     if r["name"] == "profile":
       assert set(r["categories"]) == {"matmul", "elementwise", "copy/transpose",
