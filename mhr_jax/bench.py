@@ -278,7 +278,8 @@ def measure_ours_interleaved(cfgs: list[StepConfig], rounds: int) -> list[dict[s
   runs = []
   for cfg in cfgs:
     model, tfilter, (inputs, targets, task_ids) = build_ours(cfg)
-    step, trainable, frozen, opt_state = make_train_step(model, tfilter)
+    step, trainable, frozen, opt_state = make_train_step(model, tfilter,
+                                                         routing_update=cfg.routing_update)
     del model
     jstep = jax.jit(step, donate_argnums=(0, 1))
     state = {"t": trainable, "o": opt_state, "args": (frozen, inputs, targets, task_ids)}
@@ -619,7 +620,7 @@ def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
   elif kind == "interleaved":
     cfgs = [StepConfig(**c) for c in job["configs"]]
     for c, res in zip(cfgs, measure_ours_interleaved(cfgs, steps)):
-      records.append(_step_record("interleaved_step", impl, c, res))
+      records.append(_step_record(job.get("name", "interleaved_step"), impl, c, res))
   elif kind == "vmap":
     for res in measure_ours_vmap(cfg, job["n_jobs"], steps, budget):
       rec = _step_record(f"finetune_{res['variant']}", impl, cfg, res)
@@ -747,6 +748,13 @@ def make_jobs(plan: Plan, only: tuple[str, ...], quick: bool) -> list[dict[str, 
       for t in plan.n_tasks_sweep:
         subs.append(dict(name="scaling", sweep=f"n_tasks_{update}", config=_cfg(
             plan, plan.sweep_shape, method="mhr", n_tasks=t, routing_update=update)))
+    # The n_tasks end points of both routing updates once more, stepped in turn in one process:
+    # the sweep's sequential medians move with the machine's load by more than the effect.
+    ends = (plan.n_tasks_sweep[0], plan.n_tasks_sweep[-1])
+    jobs.append(dict(kind="interleaved", impl="ours", name="n_tasks_interleaved",
+                     steps=plan.sweep_steps + 5, **common, configs=[
+                         _cfg(plan, plan.sweep_shape, method="mhr", n_tasks=t, routing_update=u)
+                         for u in ("dense", "rows") for t in ends]))
     # One subprocess per sweep axis keeps each within its timeout.
     for axis in ("n_skills", "n_splits", "n_tasks", "n_tasks_dense", "n_tasks_rows"):
       if not any(s["sweep"] == axis for s in subs):
@@ -846,6 +854,16 @@ def derive(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                       config=dict(shape=shape, label=label), median_s=r["median_s"],
                       tokens_per_s=r["tokens_per_s"], ratio=p["median_s"] / r["median_s"],
                       what="PEFT median / ours median, steps taken in turn in one process"))
+  nt = [r for r in ok if r["name"] == "n_tasks_interleaved"]
+  for update in sorted({r["config"]["routing_update"] for r in nt}):
+    rows = sorted((r for r in nt if r["config"]["routing_update"] == update),
+                  key=lambda r: r["config"]["n_tasks"])
+    for r in rows[1:]:
+      out.append(dict(name="n_tasks_growth", impl="ours", config=dict(
+          shape=r["config"]["shape"], routing_update=update, n_tasks=r["config"]["n_tasks"],
+          versus=rows[0]["config"]["n_tasks"]), median_s=r["median_s"],
+          tokens_per_s=r["tokens_per_s"], ratio=r["median_s"] / rows[0]["median_s"],
+          what="step time / step time at the fewest tasks, steps taken in turn"))
   inter = {_key(r, "shape", "label"): r for r in ok if r["name"] == "interleaved_step"}
   for (shape, label), m in sorted(inter.items()):
     if not label.startswith(("mhr", "poly")):
@@ -956,7 +974,8 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     if "label" in c:
       cs = f"{c.get('shape')} {c['label']}"
       extra = [f"{k}={c[k]}" for k in ("sweep", "n_tasks", "versus", "n_jobs", "variant")
-               if k in c and (k != "n_tasks" or r["name"] in ("scaling", "mixed_vs_single_task"))]
+               if k in c and (k != "n_tasks" or r["name"] in (
+                   "scaling", "mixed_vs_single_task", "n_tasks_interleaved"))]
       if c.get("single_task"):
         extra.append("single-task batch")
       cs = " ".join([cs] + extra)
