@@ -20,7 +20,7 @@ Measurements (``--only`` takes these names):
             single-task batches (one compiled step, two kinds of batch).
   vmap      fine-tuning 8 tasks at once (``jax.vmap`` over a leading task axis of the trainable
             state, optimizer state and batch; the frozen backbone shared) against 8 separate
-            jitted single-task steps.
+            jitted single-task steps, one round of each in turn, and a profile of both.
 
 Both sides do the same work: random-init T5 of the same shape (untied output head, no output
 scaling, dropout 0), adapters on every attention q, k, v, o (encoder self, decoder self, cross),
@@ -405,8 +405,23 @@ def measure_ours_vmap(cfg: StepConfig, n_jobs: int, steps: int, budget_s: float)
     jax.block_until_ready((t, o, loss))
     vstate["t"], vstate["o"] = t, o
 
-  loop_times, loop_first = time_steps(run_loop, steps, 1, budget_s / 2)
-  vmap_times, vmap_first = time_steps(run_vmap, steps, 1, budget_s / 2)
+  # Compile both, then alternate one round of each so both see the same machine load.
+  firsts = []
+  for run in (run_loop, run_vmap):
+    t0 = time.perf_counter()
+    run(0)
+    firsts.append(time.perf_counter() - t0)
+  loop_first, vmap_first = firsts
+  loop_times, vmap_times = [], []
+  start = time.perf_counter()
+  for i in range(1, steps + 2):
+    for run, times in ((run_loop, loop_times), (run_vmap, vmap_times)):
+      t0 = time.perf_counter()
+      run(i)
+      times.append(time.perf_counter() - t0)
+    if len(loop_times) >= 3 and time.perf_counter() - start > budget_s:
+      break
+  loop_times, vmap_times = loop_times[1:], vmap_times[1:]  # the first round warms up
   # Where each variant's time goes: one profiled round of each (profiling.xla_profile).
   from mhr_jax import profiling
   st = per_task[0]
@@ -626,7 +641,8 @@ def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
       rec = _step_record(f"finetune_{res['variant']}", impl, cfg, res)
       rec["config"].update(n_jobs=job["n_jobs"], variant=res["variant"])
       rec["profile"] = {k: res["profile"][k] for k in (
-          "step_s", "categories", "matmul_flops", "matmul_flops_per_s", "matmul_share")}
+          "step_s", "categories", "matmul_flops", "matmul_flops_per_s", "matmul_share",
+          "minor_faults", "kernel_cpu_s", "user_cpu_s")}
       # One timed unit trains every task one step.
       for k in ("tokens_per_s", "model_flops", "flops_per_s"):
         rec[k] *= job["n_jobs"]
@@ -947,8 +963,8 @@ def profile_table(records: list[dict[str, Any]]) -> str:
   from mhr_jax import profiling
   cats = profiling.CATEGORIES[1:]
   rows = ["| impl | config | step s | matmul s (share) | matmul GFLOP/s | matmul of peak | "
-          + " | ".join(f"{c} s" for c in cats) + " |",
-          "|---|---|---:|---:|---:|---:|" + "---:|" * len(cats)]
+          + " | ".join(f"{c} s" for c in cats) + " | kernel CPU s | page faults |",
+          "|---|---|---:|---:|---:|---:|" + "---:|" * (len(cats) + 2)]
   for r in records:
     if r.get("name") != "profile" or "error" in r:
       continue
@@ -957,7 +973,8 @@ def profile_table(records: list[dict[str, Any]]) -> str:
     rows.append("| " + " | ".join(
         [r["impl"], f"{r['config']['shape']} {r['config']['label']}", _fmt(r["step_s"]),
          f"{_fmt(c['matmul'])} ({r['matmul_share']:.0%})", _fmt(rate / 1e9 if rate else None),
-         _fmt(r.get("matmul_frac_of_peak"))] + [_fmt(c[k]) for k in cats]) + " |")
+         _fmt(r.get("matmul_frac_of_peak"))] + [_fmt(c[k]) for k in cats]
+        + [_fmt(r.get("kernel_cpu_s")), _fmt(r.get("minor_faults"))]) + " |")
   return "\n".join(rows) if len(rows) > 2 else ""
 
 

@@ -9,6 +9,9 @@ Both profilers report the same categories, so the two implementations can be rea
   gather/scatter  embedding lookups, routing-row gathers and their gradients;
   unattributed    step wall time in which no op ran (dispatch, Python, thread hand-off).
 
+Both also report minor page faults and kernel CPU seconds per step (``getrusage``): the zero-fill
+of fresh buffers on first touch is kernel time spent inside ops.
+
 JAX (``xla_profile``): the step runs under ``jax.profiler`` and the trace (an XSpace protobuf) is
 read back. XLA's CPU runtime runs independent ops on several threads at once, so each instant of
 wall time is shared equally among the ops running in it; category times then add up to the busy
@@ -25,6 +28,7 @@ from __future__ import annotations
 import collections
 import glob
 import re
+import resource
 import tempfile
 import time
 from typing import Any, Callable
@@ -157,10 +161,12 @@ def xla_profile(run: Callable[[int], None], hlo_text: str, steps: int = 3) -> di
   ops = hlo_ops(hlo_text)
   with tempfile.TemporaryDirectory() as d:
     jax.profiler.start_trace(d)
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     for i in range(steps):
       run(i)
     wall = (time.perf_counter() - t0) / steps
+    kernel = _kernel(r0, steps)
     jax.profiler.stop_trace()
     files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
     if not files:
@@ -170,7 +176,7 @@ def xla_profile(run: Callable[[int], None], hlo_text: str, steps: int = 3) -> di
   cats["unattributed"] = max(wall - sum(cats.values()), 0.0)
   top = [(n, t / steps, ops.get(n, {}).get("source", "")) for n, t in parsed["per_op"].most_common()
          if _xla_category(n, ops.get(n)) != "matmul"][:10]
-  return _summary(wall, cats, parsed["matmul_flops"] / steps, top)
+  return dict(_summary(wall, cats, parsed["matmul_flops"] / steps, top), **kernel)
 
 
 # Attention kernels (scaled_dot_product_*) are matmul work too; torch counts no FLOPs for them,
@@ -204,10 +210,12 @@ def torch_profile(run: Callable[[int], None], steps: int = 3) -> dict[str, Any]:
 
   acts = [torch.profiler.ProfilerActivity.CPU]
   with torch.profiler.profile(activities=acts, with_flops=True) as prof:
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     for i in range(steps):
       run(i)
     wall = (time.perf_counter() - t0) / steps
+    kernel = _kernel(r0, steps)
   seconds = collections.Counter()
   per_op = collections.Counter()
   flops = flop_op_s = 0.0
@@ -227,9 +235,21 @@ def torch_profile(run: Callable[[int], None], steps: int = 3) -> dict[str, Any]:
   cats = {c: seconds.get(c, 0.0) / steps for c in CATEGORIES[:-1]}
   cats["unattributed"] = max(wall - sum(cats.values()), 0.0)
   top = [(n, t / steps, "") for n, t in per_op.most_common() if _torch_category(n) != "matmul"]
-  out = _summary(wall, cats, flops / steps, top[:10])
+  out = dict(_summary(wall, cats, flops / steps, top[:10]), **kernel)
   out["matmul_flops_per_s"] = flops / flop_op_s if flop_op_s > 0 else None
   return out
+
+
+def _kernel(r0, steps: int) -> dict[str, float]:
+  """Per step since ``r0``: minor page faults and CPU seconds in the kernel (all threads).
+
+  Fresh buffers are zero-filled by the kernel a 4 KiB page at a time on first touch; that time
+  lands inside whichever op touches them, so it is reported next to the categories.
+  """
+  r1 = resource.getrusage(resource.RUSAGE_SELF)
+  return {"minor_faults": (r1.ru_minflt - r0.ru_minflt) / steps,
+          "kernel_cpu_s": (r1.ru_stime - r0.ru_stime) / steps,
+          "user_cpu_s": (r1.ru_utime - r0.ru_utime) / steps}
 
 
 def _summary(wall: float, cats: dict[str, float], matmul_flops: float,
