@@ -16,8 +16,9 @@ Measurements (``--only`` takes these names):
   profile   where the step time goes, ours and PEFT's, no adapter and MHR: seconds per step in
             matmuls (with their FLOP rate), elementwise ops, copies / transposes, gathers /
             scatters and unattributed time (``mhr_jax.profiling``).
-  scaling   ours, MHR step time as n_skills, n_splits and n_tasks grow, and mixed-task against
-            single-task batches (one compiled step, two kinds of batch).
+  scaling   ours, MHR step time as n_skills, n_splits and n_tasks grow (n_tasks also with the
+            trainer's optimizer, routing_update "dense" and "rows"), and mixed-task against
+            single-task batches; the points of each axis stepped in turn in one process.
   vmap      fine-tuning 8 tasks at once (``jax.vmap`` over a leading task axis of the trainable
             state, optimizer state and batch; the frozen backbone shared) against 8 separate
             jitted single-task steps, one round of each in turn, and a profile of both.
@@ -301,10 +302,9 @@ def measure_ours_interleaved(cfgs: list[StepConfig], rounds: int) -> list[dict[s
   return [{"times": ts, "first_step_s": first} for ts, (_, first) in zip(times, runs)]
 
 
-def measure_ours_step(cfg: StepConfig, steps: int, warmup: int, budget_s: float,
-                      also_single_task: bool = False) -> dict[str, Any]:
-  """Step times of our model for ``cfg``; with ``also_single_task`` the same compiled step is
-  timed again on a batch whose examples all have one task (``single_times``)."""
+def measure_ours_step(cfg: StepConfig, steps: int, warmup: int,
+                      budget_s: float) -> dict[str, Any]:
+  """Step times of our model for ``cfg``."""
   jax = _jax_setup()
   from flax import nnx
 
@@ -325,9 +325,6 @@ def measure_ours_step(cfg: StepConfig, steps: int, warmup: int, budget_s: float,
   times, first = time_steps(run, steps, warmup, budget_s)
   n_trainable = sum(x.size for x in jax.tree.leaves(nnx.to_pure_dict(state["t"])))
   res = {"times": times, "first_step_s": first, "n_trainable": int(n_trainable)}
-  if also_single_task:
-    task_ids = jax.numpy.full_like(task_ids, task_ids[0])
-    res["single_times"], _ = time_steps(run, steps, 1, budget_s)
   return res
 
 
@@ -611,17 +608,21 @@ def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
       res = measure_peft_step(cfg, steps, warmup, budget, threads)
     records.append(_step_record(job.get("name", "step"), impl, cfg, res))
   elif kind == "sweep":
+    # The points of one axis are stepped in turn in one process (measure_ours_interleaved):
+    # the machine's speed drifts by more than the effects between separate measurements. A
+    # point with ``also_single_task`` is measured a second time on single-task batches.
+    cfgs, subs = [], []
     for sub in job["configs"]:
       c = StepConfig(**sub["config"])
-      res = measure_ours_step(c, steps, warmup, budget, sub.get("also_single_task", False))
+      cfgs.append(c)
+      subs.append(sub)
+      if sub.get("also_single_task"):
+        cfgs.append(dataclasses.replace(c, single_task=True))
+        subs.append(sub)
+    for c, sub, res in zip(cfgs, subs, measure_ours_interleaved(cfgs, steps)):
       rec = _step_record(sub["name"], impl, c, res)
       rec["config"]["sweep"] = sub["sweep"]
       records.append(rec)
-      if "single_times" in res:
-        c1 = dataclasses.replace(c, single_task=True)
-        rec = _step_record(sub["name"], impl, c1, dict(res, times=res["single_times"]))
-        rec["config"]["sweep"] = sub["sweep"]
-        records.append(rec)
   elif kind == "profile":
     res = (measure_ours_profile(cfg, steps) if impl == "ours"
            else measure_peft_profile(cfg, steps, threads))
@@ -764,13 +765,6 @@ def make_jobs(plan: Plan, only: tuple[str, ...], quick: bool) -> list[dict[str, 
       for t in plan.n_tasks_sweep:
         subs.append(dict(name="scaling", sweep=f"n_tasks_{update}", config=_cfg(
             plan, plan.sweep_shape, method="mhr", n_tasks=t, routing_update=update)))
-    # The n_tasks end points of both routing updates once more, stepped in turn in one process:
-    # the sweep's sequential medians move with the machine's load by more than the effect.
-    ends = (plan.n_tasks_sweep[0], plan.n_tasks_sweep[-1])
-    jobs.append(dict(kind="interleaved", impl="ours", name="n_tasks_interleaved",
-                     steps=plan.sweep_steps + 5, **common, configs=[
-                         _cfg(plan, plan.sweep_shape, method="mhr", n_tasks=t, routing_update=u)
-                         for u in ("dense", "rows") for t in ends]))
     # One subprocess per sweep axis keeps each within its timeout.
     for axis in ("n_skills", "n_splits", "n_tasks", "n_tasks_dense", "n_tasks_rows"):
       if not any(s["sweep"] == axis for s in subs):
@@ -870,16 +864,6 @@ def derive(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                       config=dict(shape=shape, label=label), median_s=r["median_s"],
                       tokens_per_s=r["tokens_per_s"], ratio=p["median_s"] / r["median_s"],
                       what="PEFT median / ours median, steps taken in turn in one process"))
-  nt = [r for r in ok if r["name"] == "n_tasks_interleaved"]
-  for update in sorted({r["config"]["routing_update"] for r in nt}):
-    rows = sorted((r for r in nt if r["config"]["routing_update"] == update),
-                  key=lambda r: r["config"]["n_tasks"])
-    for r in rows[1:]:
-      out.append(dict(name="n_tasks_growth", impl="ours", config=dict(
-          shape=r["config"]["shape"], routing_update=update, n_tasks=r["config"]["n_tasks"],
-          versus=rows[0]["config"]["n_tasks"]), median_s=r["median_s"],
-          tokens_per_s=r["tokens_per_s"], ratio=r["median_s"] / rows[0]["median_s"],
-          what="step time / step time at the fewest tasks, steps taken in turn"))
   inter = {_key(r, "shape", "label"): r for r in ok if r["name"] == "interleaved_step"}
   for (shape, label), m in sorted(inter.items()):
     if not label.startswith(("mhr", "poly")):
@@ -942,7 +926,10 @@ def machine_info() -> dict[str, Any]:
       versions[mod] = __import__(mod).__version__
     except Exception:  # noqa: BLE001 - a missing optional library is reported as absent
       versions[mod] = None
+  env = {k: os.environ[k] for k in ("GLIBC_TUNABLES", "XLA_FLAGS", "OMP_NUM_THREADS")
+         if k in os.environ}
   return dict(nproc=os.cpu_count(), load_avg_1_5_15=os.getloadavg(), cpu_model=cpu, mem_gib=mem,
+              env=env,
               platform=platform.platform(),
               python=platform.python_version(), versions=versions, gpu="none available",
               date=datetime.datetime.now().isoformat(timespec="seconds"))
@@ -991,8 +978,7 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     if "label" in c:
       cs = f"{c.get('shape')} {c['label']}"
       extra = [f"{k}={c[k]}" for k in ("sweep", "n_tasks", "versus", "n_jobs", "variant")
-               if k in c and (k != "n_tasks" or r["name"] in (
-                   "scaling", "mixed_vs_single_task", "n_tasks_interleaved"))]
+               if k in c and (k != "n_tasks" or r["name"] in ("scaling", "mixed_vs_single_task"))]
       if c.get("single_task"):
         extra.append("single-task batch")
       cs = " ".join([cs] + extra)

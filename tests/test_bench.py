@@ -65,12 +65,6 @@ def test_derived_ratios_come_from_the_medians():
                                   "gather/scatter": 0.0, "unattributed": 0.1}))
   for impl, med in (("ours", 2.0), ("peft", 3.0)):
     records.append(dict(_step(impl, "mhr_k8_s8", med), name="versus_step"))
-  for update, t, med in (("dense", 10, 1.0), ("dense", 10000, 1.25), ("rows", 10, 1.0),
-                         ("rows", 10000, 0.98)):
-    records.append(dict(name="n_tasks_interleaved", impl="ours", median_s=med,
-                        tokens_per_s=1 / med, config=dict(
-                            shape="small2", label=f"mhr_k8_s8_{update}", n_tasks=t,
-                            routing_update=update)))
   derived = bench.derive(records)
   by = {(r["name"], r["impl"], json.dumps(r["config"], sort_keys=True)): r for r in derived}
 
@@ -85,10 +79,6 @@ def test_derived_ratios_come_from_the_medians():
   assert get("routing_overhead", "peft", shape="small", label="mhr_k8_s8",
              versus="none")["ratio"] == 3.0
   assert get("vmap_speedup", "ours", shape="small2", n_jobs=8)["ratio"] == 4.0
-  assert get("n_tasks_growth", "ours", shape="small2", routing_update="dense", n_tasks=10000,
-             versus=10)["ratio"] == 1.25
-  assert get("n_tasks_growth", "ours", shape="small2", routing_update="rows", n_tasks=10000,
-             versus=10)["ratio"] == 0.98
   assert get("speedup_vs_peft_side_by_side", "ours/peft", shape="small",
              label="mhr_k8_s8")["ratio"] == 1.5
   assert get("mixed_vs_single_task", "ours", shape="small2", n_tasks=10)["ratio"] == 2.0
@@ -132,7 +122,7 @@ def test_quick_run_writes_json_lines_and_table(tmp_path):
   names = {r["name"] for r in records}
   assert {"peak_matmul", "speedup_vs_peft", "routing_overhead", "memory_vs_peft", "scaling",
           "mixed_vs_single_task", "finetune_loop", "finetune_vmap", "vmap_speedup", "profile", "versus_step",
-          "speedup_vs_peft_side_by_side", "n_tasks_interleaved", "n_tasks_growth"} <= names
+          "speedup_vs_peft_side_by_side"} <= names
   for r in records:
     if r["name"] == "profile":
       assert set(r["categories"]) == {"matmul", "elementwise", "copy/transpose",
