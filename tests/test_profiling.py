@@ -36,7 +36,7 @@ def test_xla_profile_accounts_the_step():
   attributed = sum(cats.values()) - cats["unattributed"]
   assert sum(cats.values()) == pytest.approx(max(res["step_s"], attributed), rel=1e-9)
   assert all(v >= 0 for v in cats.values())
-  assert res["minor_faults"] >= 0 and res["kernel_cpu_s"] >= 0 and res["user_cpu_s"] > 0
+  assert res["minor_faults"] >= 0 and res["kernel_cpu_s"] >= 0 and res["user_cpu_s"] >= 0
 
 
 def test_torch_profile_counts_mm_flops_and_time():
