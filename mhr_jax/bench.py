@@ -269,27 +269,43 @@ def make_train_step(model, trainable_filter, learning_rate: float = 1e-3,
   return step, trainable, frozen, opt_state
 
 
+def ours_runner(cfg: StepConfig, compile_ahead: bool = False):
+  """``(run, state, fn)`` for our jitted train step at ``cfg``.
+
+  ``run(i)`` takes step ``i`` (routing noise from ``fold_in(key, i)``), waits for it and keeps
+  the new trainable and optimizer state in ``state`` (``{"t": ..., "o": ...}``). ``fn`` is the
+  jitted step, or with ``compile_ahead`` its compiled executable (``fn.as_text()`` is the HLO the
+  profiler reads; the first ``run`` then no longer includes compilation).
+  """
+  jax = _jax_setup()
+  model, tfilter, (inputs, targets, task_ids) = build_ours(cfg)
+  step, trainable, frozen, opt_state = make_train_step(model, tfilter,
+                                                       routing_update=cfg.routing_update)
+  del model
+  base_key = jax.random.key(0)
+  fn = jax.jit(step, donate_argnums=(0, 1))
+  if compile_ahead:
+    fn = fn.lower(trainable, opt_state, frozen, inputs, targets, task_ids, base_key).compile()
+  state = {"t": trainable, "o": opt_state}
+
+  def run(i):
+    t, o, loss = fn(state["t"], state["o"], frozen, inputs, targets, task_ids,
+                    jax.random.fold_in(base_key, i))
+    jax.block_until_ready((t, o, loss))
+    state["t"], state["o"] = t, o
+
+  return run, state, fn
+
+
 def measure_ours_interleaved(cfgs: list[StepConfig], rounds: int) -> list[dict[str, Any]]:
   """Step times of several of our configurations in one process, one step of each in turn.
 
   Every configuration then sees the same machine load (this machine is shared and its load
   moves by 2x within minutes), which is what step-time ratios such as MHR / LoRA need.
   """
-  jax = _jax_setup()
   runs = []
   for cfg in cfgs:
-    model, tfilter, (inputs, targets, task_ids) = build_ours(cfg)
-    step, trainable, frozen, opt_state = make_train_step(model, tfilter,
-                                                         routing_update=cfg.routing_update)
-    del model
-    jstep = jax.jit(step, donate_argnums=(0, 1))
-    state = {"t": trainable, "o": opt_state, "args": (frozen, inputs, targets, task_ids)}
-
-    def run(i, jstep=jstep, state=state):
-      t, o, loss = jstep(state["t"], state["o"], *state["args"], jax.random.key(i))
-      jax.block_until_ready((t, o, loss))
-      state["t"], state["o"] = t, o
-
+    run, _, _ = ours_runner(cfg)
     t0 = time.perf_counter()
     run(0)
     runs.append((run, time.perf_counter() - t0))
@@ -308,45 +324,17 @@ def measure_ours_step(cfg: StepConfig, steps: int, warmup: int,
   jax = _jax_setup()
   from flax import nnx
 
-  model, tfilter, (inputs, targets, task_ids) = build_ours(cfg)
-  step, trainable, frozen, opt_state = make_train_step(model, tfilter,
-                                                       routing_update=cfg.routing_update)
-  del model
-  jstep = jax.jit(step, donate_argnums=(0, 1))
-  state = {"t": trainable, "o": opt_state}
-  base_key = jax.random.key(0)
-
-  def run(i):
-    key = jax.random.fold_in(base_key, i)
-    t, o, loss = jstep(state["t"], state["o"], frozen, inputs, targets, task_ids, key)
-    jax.block_until_ready((t, o, loss))
-    state["t"], state["o"] = t, o
-
+  run, state, _ = ours_runner(cfg)
   times, first = time_steps(run, steps, warmup, budget_s)
   n_trainable = sum(x.size for x in jax.tree.leaves(nnx.to_pure_dict(state["t"])))
-  res = {"times": times, "first_step_s": first, "n_trainable": int(n_trainable)}
-  return res
+  return {"times": times, "first_step_s": first, "n_trainable": int(n_trainable)}
 
 
 def measure_ours_profile(cfg: StepConfig, steps: int) -> dict[str, Any]:
   """Per-op profile of our train step for ``cfg`` (``profiling.xla_profile``)."""
-  jax = _jax_setup()
   from mhr_jax import profiling
 
-  model, tfilter, (inputs, targets, task_ids) = build_ours(cfg)
-  step, trainable, frozen, opt_state = make_train_step(model, tfilter)
-  del model
-  key = jax.random.key(0)
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-      trainable, opt_state, frozen, inputs, targets, task_ids, key).compile()
-  state = {"t": trainable, "o": opt_state}
-
-  def run(i):
-    t, o, loss = compiled(state["t"], state["o"], frozen, inputs, targets, task_ids,
-                          jax.random.fold_in(key, i))
-    jax.block_until_ready((t, o, loss))
-    state["t"], state["o"] = t, o
-
+  run, _, compiled = ours_runner(cfg, compile_ahead=True)
   for i in range(2):
     run(i)
   return profiling.xla_profile(run, compiled.as_text(), steps)
@@ -477,9 +465,9 @@ def build_peft(cfg: StepConfig, threads: int, seed: int = 0):
   return model, params
 
 
-def measure_peft_step(cfg: StepConfig, steps: int, warmup: int, budget_s: float,
-                      threads: int) -> dict[str, Any]:
-  """Median train-step time of HF T5 + PEFT for ``cfg`` on CPU PyTorch."""
+def peft_runner(cfg: StepConfig, threads: int):
+  """``(run, params)``: ``run(i)`` takes one train step of HF T5 + PEFT for ``cfg`` (forward,
+  backward, AdamW); ``params`` are the trainable parameters."""
   torch = _torch_setup(threads)
   model, params = build_peft(cfg, threads)
   opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
@@ -493,27 +481,22 @@ def measure_peft_step(cfg: StepConfig, steps: int, warmup: int, budget_s: float,
     opt.step()
     opt.zero_grad(set_to_none=True)
 
+  return run, params
+
+
+def measure_peft_step(cfg: StepConfig, steps: int, warmup: int, budget_s: float,
+                      threads: int) -> dict[str, Any]:
+  """Median train-step time of HF T5 + PEFT for ``cfg`` on CPU PyTorch."""
+  run, params = peft_runner(cfg, threads)
   times, first = time_steps(run, steps, warmup, budget_s)
   return {"times": times, "first_step_s": first, "n_trainable": int(sum(p.numel() for p in params))}
 
 
 def measure_peft_profile(cfg: StepConfig, steps: int, threads: int) -> dict[str, Any]:
   """Per-op profile of HF T5 + PEFT's train step for ``cfg`` (``profiling.torch_profile``)."""
-  torch = _torch_setup(threads)
   from mhr_jax import profiling
 
-  model, params = build_peft(cfg, threads)
-  opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-  inputs, targets, task_ids = (torch.from_numpy(x).long() for x in make_batch_np(cfg))
-  kwargs = {} if cfg.method in ("none", "lora") else {"task_ids": task_ids}
-
-  def run(i):
-    del i
-    out = model(input_ids=inputs, labels=targets, **kwargs)
-    out.loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
+  run, _ = peft_runner(cfg, threads)
   for i in range(2):
     run(i)
   return profiling.torch_profile(run, steps)
@@ -526,32 +509,8 @@ def measure_versus(cfg: StepConfig, rounds: int, threads: int) -> dict[str, Any]
   ratio of their medians is the side-by-side figure (separate processes, as in ``step``, see
   different load when the machine is shared). Peak memory cannot be told apart here.
   """
-  jax = _jax_setup()
-  torch = _torch_setup(threads)
-  model, tfilter, (inputs, targets, task_ids) = build_ours(cfg)
-  step, trainable, frozen, opt_state = make_train_step(model, tfilter)
-  del model
-  jstep = jax.jit(step, donate_argnums=(0, 1))
-  state = {"t": trainable, "o": opt_state}
-  base_key = jax.random.key(0)
-
-  def run_ours(i):
-    t, o, loss = jstep(state["t"], state["o"], frozen, inputs, targets, task_ids,
-                       jax.random.fold_in(base_key, i))
-    jax.block_until_ready((t, o, loss))
-    state["t"], state["o"] = t, o
-
-  pmodel, params = build_peft(cfg, threads)
-  opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-  p_in, p_tgt, p_ids = (torch.from_numpy(x).long() for x in make_batch_np(cfg))
-  kwargs = {} if cfg.method in ("none", "lora") else {"task_ids": p_ids}
-
-  def run_peft(i):
-    del i
-    out = pmodel(input_ids=p_in, labels=p_tgt, **kwargs)
-    out.loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+  run_ours, _, _ = ours_runner(cfg)
+  run_peft, _ = peft_runner(cfg, threads)
 
   t0 = time.perf_counter()
   run_ours(0)
