@@ -161,22 +161,15 @@ def xla_profile(run: Callable[[int], None], hlo_text: str, steps: int = 3) -> di
   ops = hlo_ops(hlo_text)
   with tempfile.TemporaryDirectory() as d:
     jax.profiler.start_trace(d)
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
-    for i in range(steps):
-      run(i)
-    wall = (time.perf_counter() - t0) / steps
-    kernel = _kernel(r0, steps)
+    wall, kernel = _run_steps(run, steps)
     jax.profiler.stop_trace()
     files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
     if not files:
       raise RuntimeError(f"jax.profiler wrote no trace under {d}")
     parsed = parse_xspace(files[0], ops)
-  cats = {c: parsed["seconds"].get(c, 0.0) / steps for c in CATEGORIES[:-1]}
-  cats["unattributed"] = max(wall - sum(cats.values()), 0.0)
-  top = [(n, t / steps, ops.get(n, {}).get("source", "")) for n, t in parsed["per_op"].most_common()
+  top = [(n, t, ops.get(n, {}).get("source", "")) for n, t in parsed["per_op"].most_common()
          if _xla_category(n, ops.get(n)) != "matmul"][:10]
-  return dict(_summary(wall, cats, parsed["matmul_flops"] / steps, top), **kernel)
+  return _summary(steps, wall, kernel, parsed["seconds"], parsed["matmul_flops"], top)
 
 
 # Attention kernels (scaled_dot_product_*) are matmul work too; torch counts no FLOPs for them,
@@ -210,12 +203,7 @@ def torch_profile(run: Callable[[int], None], steps: int = 3) -> dict[str, Any]:
 
   acts = [torch.profiler.ProfilerActivity.CPU]
   with torch.profiler.profile(activities=acts, with_flops=True) as prof:
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
-    for i in range(steps):
-      run(i)
-    wall = (time.perf_counter() - t0) / steps
-    kernel = _kernel(r0, steps)
+    wall, kernel = _run_steps(run, steps)
   seconds = collections.Counter()
   per_op = collections.Counter()
   flops = flop_op_s = 0.0
@@ -223,8 +211,7 @@ def torch_profile(run: Callable[[int], None], steps: int = 3) -> dict[str, Any]:
     self_s = ev.self_cpu_time_total / 1e6
     if self_s <= 0:
       continue
-    if ev.key.startswith(("Optimizer.", "ProfilerStep", "autograd::engine")) and \
-        not ev.key.startswith("aten::"):
+    if ev.key.startswith(("Optimizer.", "ProfilerStep", "autograd::engine")):
       continue  # wrappers whose self time is Python / dispatch around their children
     cat = _torch_category(ev.key)
     seconds[cat] += self_s
@@ -232,30 +219,39 @@ def torch_profile(run: Callable[[int], None], steps: int = 3) -> dict[str, Any]:
     if ev.key in _TORCH_FLOP_OPS:
       flops += float(ev.flops or 0)
       flop_op_s += self_s
-  cats = {c: seconds.get(c, 0.0) / steps for c in CATEGORIES[:-1]}
-  cats["unattributed"] = max(wall - sum(cats.values()), 0.0)
-  top = [(n, t / steps, "") for n, t in per_op.most_common() if _torch_category(n) != "matmul"]
-  out = dict(_summary(wall, cats, flops / steps, top[:10]), **kernel)
+  top = [(n, t, "") for n, t in per_op.most_common() if _torch_category(n) != "matmul"]
+  out = _summary(steps, wall, kernel, seconds, flops, top[:10])
   out["matmul_flops_per_s"] = flops / flop_op_s if flop_op_s > 0 else None
   return out
 
 
-def _kernel(r0, steps: int) -> dict[str, float]:
-  """Per step since ``r0``: minor page faults and CPU seconds in the kernel (all threads).
+def _run_steps(run: Callable[[int], None], steps: int) -> tuple[float, dict[str, float]]:
+  """Runs ``steps`` steps; returns the wall time per step and the kernel's share per step.
 
-  Fresh buffers are zero-filled by the kernel a 4 KiB page at a time on first touch; that time
+  The kernel's share is minor page faults and CPU seconds in the kernel (all threads): fresh
+  buffers are zero-filled by the kernel a 4 KiB page at a time on first touch, and that time
   lands inside whichever op touches them, so it is reported next to the categories.
   """
+  r0 = resource.getrusage(resource.RUSAGE_SELF)
+  t0 = time.perf_counter()
+  for i in range(steps):
+    run(i)
+  wall = (time.perf_counter() - t0) / steps
   r1 = resource.getrusage(resource.RUSAGE_SELF)
-  return {"minor_faults": (r1.ru_minflt - r0.ru_minflt) / steps,
+  return wall, {"minor_faults": (r1.ru_minflt - r0.ru_minflt) / steps,
           "kernel_cpu_s": (r1.ru_stime - r0.ru_stime) / steps,
           "user_cpu_s": (r1.ru_utime - r0.ru_utime) / steps}
 
 
-def _summary(wall: float, cats: dict[str, float], matmul_flops: float,
-             top: list[tuple[str, float, str]]) -> dict[str, Any]:
-  mm = cats["matmul"]
-  return dict(step_s=wall, categories=cats, matmul_flops=matmul_flops,
-              matmul_flops_per_s=matmul_flops / mm if mm > 0 else None,
+def _summary(steps: int, wall: float, kernel: dict[str, float], seconds: dict[str, float],
+             matmul_flops: float, top: list[tuple[str, float, str]]) -> dict[str, Any]:
+  """The per-step result from totals over ``steps`` steps (``seconds`` by category, matmul FLOPs,
+  the costliest non-matmul ops); unattributed is the step's wall time no category covers."""
+  cats = {c: seconds.get(c, 0.0) / steps for c in CATEGORIES[:-1]}
+  cats["unattributed"] = max(wall - sum(cats.values()), 0.0)
+  mm, flops = cats["matmul"], matmul_flops / steps
+  return dict(step_s=wall, categories=cats, matmul_flops=flops,
+              matmul_flops_per_s=flops / mm if mm > 0 else None,
               matmul_share=mm / wall if wall > 0 else None,
-              top_non_matmul=[dict(op=n, s=t, source=s[-80:]) for n, t, s in top])
+              top_non_matmul=[dict(op=n, s=t / steps, source=s[-80:]) for n, t, s in top],
+              **kernel)
