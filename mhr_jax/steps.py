@@ -84,14 +84,25 @@ def make_train_step(
     new_trainable = optax.apply_updates(trainable, updates)
     grad_norm = optax.tree.norm(grads)
     is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def keep_if_bad(new, old):
-      return jax.tree.map(lambda n, o: jnp.where(is_finite, n, o), new, old)
-
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, is_finite=is_finite)
-    return keep_if_bad(new_trainable, trainable), keep_if_bad(new_opt_state, opt_state), metrics
+    return (_keep_if_bad(is_finite, new_trainable, trainable),
+            _keep_if_bad(is_finite, new_opt_state, opt_state), metrics)
 
   return train_step
+
+
+def _keep_if_bad(is_finite: jax.Array, new, old):
+  """``new`` where the step was finite, else ``old``, leaf by leaf."""
+  return jax.tree.map(lambda n, o: jnp.where(is_finite, n, o), new, old)
+
+
+def check_row_sparse_support(frozen: nnx.State) -> None:
+  """Refuses routers holding frozen rows, which the row-sparse update does not support."""
+  if any(isinstance(v, adapters.FrozenRouterParam)
+         for v in jax.tree.leaves(frozen, is_leaf=lambda x: isinstance(x, nnx.Variable))):
+    raise ValueError("OptimizerConfig.routing_update='rows' does not support routers with frozen "
+                     "rows (FrozenRouterParam: fine-tuning new tasks after pre-training, MHR-z): "
+                     "use routing_update='dense'")
 
 
 def _n_tasks(routing_tables: nnx.State) -> int:
@@ -131,10 +142,7 @@ def make_row_sparse_train_step(graphdef: nnx.GraphDef,
   """
 
   def train_step(trainable, frozen, opt_state, batch, rng):
-    if any(isinstance(v, adapters.FrozenRouterParam)
-           for v in jax.tree.leaves(frozen, is_leaf=lambda x: isinstance(x, nnx.Variable))):
-      raise ValueError("routing_update='rows' does not support routers with frozen rows "
-                       "(FrozenRouterParam, e.g. MHR-z after add_tasks): use 'dense'")
+    check_row_sparse_support(frozen)
     tables, rest = optimizers.split_routing(trainable)
     n_tasks = _n_tasks(tables)
     task_ids = batch["task_ids"]
@@ -159,14 +167,11 @@ def make_row_sparse_train_step(graphdef: nnx.GraphDef,
     new_rest, new_tables, new_opt_state = optimizer.update(
         rest_grads, row_grads, opt_state, rest, tables, write_rows)
 
-    def keep_if_bad(new, old):
-      return jax.tree.map(lambda n, o: jnp.where(is_finite, n, o), new, old)
-
-    new_trainable = nnx.merge_state(new_tables, keep_if_bad(new_rest, rest))
+    new_trainable = nnx.merge_state(new_tables, _keep_if_bad(is_finite, new_rest, rest))
     new_opt_state = new_opt_state._replace(
-        rest=keep_if_bad(new_opt_state.rest, opt_state.rest),
-        routing=new_opt_state.routing._replace(count=keep_if_bad(
-            new_opt_state.routing.count, opt_state.routing.count)))
+        rest=_keep_if_bad(is_finite, new_opt_state.rest, opt_state.rest),
+        routing=new_opt_state.routing._replace(count=_keep_if_bad(
+            is_finite, new_opt_state.routing.count, opt_state.routing.count)))
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, is_finite=is_finite)
     return new_trainable, new_opt_state, metrics
 

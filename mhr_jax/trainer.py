@@ -276,15 +276,12 @@ def _loss(train_cfg: TrainConfig):
   return loss
 
 
-def _check_row_sparse(model: nnx.Module, train_cfg: TrainConfig) -> None:
+def _check_row_sparse(frozen: nnx.State, train_cfg: TrainConfig) -> None:
   """Refuses what the row-sparse routing update does not support, before any step is built."""
   if train_cfg.vmap_tasks:
     raise ValueError("OptimizerConfig.routing_update='rows' cannot be combined with "
                      "TrainConfig.vmap_tasks: use routing_update='dense' for vmapped fine-tuning")
-  if any(r.frozen_router_logits is not None for r in adapters.routers(model)):
-    raise ValueError("OptimizerConfig.routing_update='rows' does not support routers with frozen "
-                     "rows (FrozenRouterParam: fine-tuning new tasks after pre-training, MHR-z): "
-                     "use routing_update='dense'")
+  steps.check_row_sparse_support(frozen)
 
 
 def _stack(trees: Sequence[Any]):
@@ -365,7 +362,7 @@ def run(
   tx = (optimizers.make_full_optimizer(optimizer_config) if mode == FULL
         else optimizers.make_optimizer(optimizer_config, trainable))
   if isinstance(tx, optimizers.RowSparseOptimizer):
-    _check_row_sparse(model, train_config)
+    _check_row_sparse(frozen, train_config)
   n_copies = len(copies)
 
   # 4. Shard and jit.
