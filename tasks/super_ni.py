@@ -171,12 +171,7 @@ def register_super_ni(
   Returns:
     ``{"train": [task names], "test": [task names]}``.
   """
-  data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
-  if not data_dir:
-    raise ValueError(f"No Super-NI directory: pass data_dir or set ${DATA_DIR_ENV}")
-  root = pathlib.Path(data_dir)
-  if not (root / "tasks").is_dir():
-    raise FileNotFoundError(f"Super-NI directory {root} has no tasks/ folder ({root / 'tasks'})")
+  root = common.data_root(data_dir, DATA_DIR_ENV, "Super-NI directory", "tasks")
   listed = {split: read_split(root, split) for split in ("train", "test")}
   for split, task_names in listed.items():
     for task_name in task_names:

@@ -246,13 +246,7 @@ def render_file(path: pathlib.Path, spec: DatasetSpec, template: Template) -> li
 
 
 def _data_dir(data_dir) -> pathlib.Path:
-  data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
-  if not data_dir:
-    raise ValueError(f"No T0 data directory: pass data_dir or set ${DATA_DIR_ENV}")
-  path = pathlib.Path(data_dir)
-  if not (path / "t0_heldout").is_dir():
-    raise FileNotFoundError(f"T0 data directory {path} has no {path / 't0_heldout'} folder")
-  return path
+  return common.data_root(data_dir, DATA_DIR_ENV, "T0 data directory", "t0_heldout")
 
 
 def fewshot_file(data_dir: pathlib.Path, spec: DatasetSpec, shots: Optional[int], seed: int):
