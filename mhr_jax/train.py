@@ -1,8 +1,8 @@
 """``python -m mhr_jax.train --gin_file=... [--gin.X=V ...] [--dry_run]``.
 
 Flags as in t5x: ``--gin_file`` (repeatable, applied in order, later files override earlier ones),
-``--gin_search_path`` (where relative gin paths and includes are looked up; the repository root
-and ``gin_configs/`` by default), ``--gin.NAME=VALUE`` (one binding each, applied after the files),
+``--gin_search_path`` (repeatable; where relative gin paths and includes are looked up first,
+before ``gin_configs/``, the repository root and, last, the working directory), ``--gin.NAME=VALUE`` (one binding each, applied after the files),
 ``--dry_run`` (parse, print the operative configuration, exit). Multi-host runs call
 ``jax.distributed.initialize`` when ``--coordinator_address`` (or ``MHR_COORDINATOR_ADDRESS``)
 is given (``--distributed=auto`` on TPU pods). What runs is ``main.entry``: ``@trainer.run`` for one run, or an experiment's pipeline.
@@ -11,7 +11,7 @@ is given (``--distributed=auto`` on TPU pods). What runs is ``main.entry``: ``@t
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import os
 import pathlib
 import sys
@@ -50,19 +50,61 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
   return args
 
 
+def gin_search_dirs(search_paths: Sequence[str] = ()) -> list[pathlib.Path]:
+  """Where relative gin paths (``--gin_file`` and ``include``) are looked up, in order.
+
+  The user's ``--gin_search_path`` folders, then the project's ``gin_configs/`` and root, and the
+  working directory last, so that a folder of the working directory named like a config folder
+  (``runs/``, the default job's outputs, or ``models/``) can neither shadow nor break a config.
+  """
+  dirs = [*(pathlib.Path(p) for p in search_paths), REPO_ROOT / "gin_configs", REPO_ROOT,
+          pathlib.Path.cwd()]
+  return list(dict.fromkeys(d.absolute() for d in dirs))
+
+
+def resolve_gin_file(name: str, search_paths: Sequence[str] = ()) -> str:
+  """The file a gin path names: absolute or ``./``-relative paths as given, else the first hit
+  in ``gin_search_dirs``. Raises ``FileNotFoundError`` listing the folders searched."""
+  path = pathlib.Path(name)
+  if path.is_absolute() or name.startswith(("./", "../")):
+    candidates = [path]
+  else:
+    candidates = [d / path for d in gin_search_dirs(search_paths)]
+  for candidate in candidates:
+    if candidate.is_file():
+      return str(candidate.resolve())
+  raise FileNotFoundError(
+      f"gin file not found: {name} (looked in {', '.join(str(c.parent) for c in candidates)})")
+
+
+@contextlib.contextmanager
+def _gin_lookup(search_paths: Sequence[str]):
+  """Makes gin resolve every file, includes too, with ``resolve_gin_file`` and nothing else.
+
+  gin's own lookup tries the working directory first and then its Python-package reader, which
+  takes ``runs/pretrain.gin`` for package ``runs`` and crashes on a folder ``runs/`` that Python
+  can import as a namespace package. gin (0.5) offers no public way to replace its readers, so
+  its reader list and search prefixes are swapped for the duration of the parse.
+  """
+  from gin import config as gin_config
+
+  saved = gin_config._FILE_READERS[:], gin_config._LOCATION_PREFIXES[:]
+  gin_config._FILE_READERS[:] = [
+      (lambda name: open(resolve_gin_file(name, search_paths)), lambda name: True)]
+  gin_config._LOCATION_PREFIXES[:] = [""]
+  try:
+    yield
+  finally:
+    gin_config._FILE_READERS[:], gin_config._LOCATION_PREFIXES[:] = saved
+
+
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]):
   """Registers the configurables, then parses files and bindings (t5x semantics)."""
   from mhr_jax import experiments, trainer  # noqa: F401  (registers the gin configurables)
 
-  # gin logs an error for every search-path candidate it tries before the one that exists.
-  logging.getLogger().addFilter(lambda record: not record.getMessage().startswith("Path not found"))
-  for path in [*search_paths, str(REPO_ROOT / "gin_configs"), str(REPO_ROOT)]:
-    gin.add_config_file_search_path(path)
-  for f in gin_files:
-    if not pathlib.Path(f).exists() and not any(
-        (pathlib.Path(p) / f).exists() for p in [*search_paths, REPO_ROOT, REPO_ROOT / "gin_configs"]):
-      raise FileNotFoundError(f"gin file not found: {f}")
-  gin.parse_config_files_and_bindings(gin_files, bindings, finalize_config=False)
+  files = [resolve_gin_file(f, search_paths) for f in gin_files]  # names a missing file first
+  with _gin_lookup(search_paths):
+    gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
   gin.finalize()
 
 

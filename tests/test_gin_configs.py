@@ -1,8 +1,13 @@
-"""Every gin file parses with --dry_run (models, adapters and overlays alongside a run file)."""
+"""Every gin file parses with --dry_run (models, adapters and overlays alongside a run file),
+whatever folders the working directory holds."""
 
+import json
+import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -25,6 +30,31 @@ def _combos():
              "overlays/cpu_tiny.gin"]
 
 
+@pytest.fixture
+def crowded_cwd(tmp_path):
+  """A working directory whose folders are named like the gin subfolders, as after the default
+  job (``runs/``) or in a user's project: empty, non-empty, and holding files named like ours
+  with contents that would fail to parse. Python can import each folder as a namespace package,
+  which is what broke gin's package-resource lookup."""
+  cwd = tmp_path / "work"
+  (cwd / "runs" / "synthetic" / "backbone").mkdir(parents=True)
+  (cwd / "runs" / "synthetic" / "backbone" / "results.json").write_text("{}")
+  (cwd / "runs" / "pretrain.gin").write_text("this is not gin ((\n")
+  (cwd / "models").mkdir()
+  (cwd / "adapters").mkdir()
+  (cwd / "adapters" / "notes.txt").write_text("a user's file")
+  (cwd / "overlays").mkdir()
+  (cwd / "overlays" / "cpu_tiny.gin").write_text("undefined_configurable.x = 1\n")
+  (cwd / "experiments").mkdir()
+  return cwd
+
+
+def _env():
+  # ``python -m`` puts the working directory first on sys.path, where the folders above become
+  # importable; the project comes from PYTHONPATH.
+  return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
 def _dry_run(files, extra=()):
   args = [sys.executable, "-m", "mhr_jax.train", "--dry_run"]
   args += [f"--gin_file={f}" for f in files]
@@ -32,9 +62,10 @@ def _dry_run(files, extra=()):
   return subprocess.run(args + list(extra), cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def test_all_gin_files_parse_in_one_process():
-  """Each combination parses; one subprocess per combination would take minutes, so the check
-  runs them in one process through the same parse function the entry point uses."""
+def test_all_gin_files_parse_in_one_process(crowded_cwd):
+  """Each combination parses, from a working directory crowded with folders named like the gin
+  subfolders; one subprocess per combination would take minutes, so the check runs them in one
+  process through the same parse function the entry point uses."""
   code = (
       "import gin, sys\n"
       "from mhr_jax import train\n"
@@ -47,8 +78,8 @@ def test_all_gin_files_parse_in_one_process():
       "  train.main_entry(dry_run=True)\n"
       "  gin.clear_config()\n"
       "print('parsed', len(combos))\n")
-  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
+  out = subprocess.run([sys.executable, "-c", code], cwd=crowded_cwd, env=_env(),
+                       capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   n = len(list(_combos()))
   assert f"parsed {n}" in out.stdout
@@ -75,3 +106,32 @@ def test_unknown_flag_is_rejected():
                        cwd=REPO, capture_output=True, text=True, timeout=120)
   assert out.returncode == 2
   assert "--bogus" in out.stderr
+
+
+def test_tiny_training_from_a_crowded_working_directory(crowded_cwd):
+  """The README's "Using it" command shape, after the default job left ``runs/`` behind."""
+  model_dir = crowded_cwd / "runs" / "tiny"
+  args = [sys.executable, "-m", "mhr_jax.train", "--gin_file=runs/pretrain.gin",
+          "--gin_file=models/t5_1_1_tiny.gin", "--gin_file=adapters/mhr.gin",
+          f"--gin_file={REPO / 'gin_configs' / 'overlays' / 'cpu_tiny.gin'}",
+          f"--gin.MODEL_DIR='{model_dir}'", "--gin.MIXTURE='synthetic_pretrain'",
+          "--gin.TRAIN_STEPS=2", "--gin.INPUTS_LENGTH=16", "--gin.TARGETS_LENGTH=16"]
+  out = subprocess.run(args, cwd=crowded_cwd, env=_env(), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = json.loads((model_dir / "results.json").read_text())
+  assert results["steps"] == 2 and results["mode"] == "mhr"
+
+
+def test_gin_file_lookup_order(crowded_cwd, monkeypatch):
+  """Project configs win over same-named files of the working directory; the working directory
+  is still searched for the user's own files; explicit ./ paths are taken as given."""
+  from mhr_jax import train
+
+  monkeypatch.chdir(crowded_cwd)
+  assert train.resolve_gin_file("runs/pretrain.gin") == str(GIN / "runs" / "pretrain.gin")
+  (crowded_cwd / "mine.gin").write_text("x = 1\n")
+  assert train.resolve_gin_file("mine.gin") == str(crowded_cwd / "mine.gin")
+  assert train.resolve_gin_file("./runs/pretrain.gin") == str(crowded_cwd / "runs" / "pretrain.gin")
+  with pytest.raises(FileNotFoundError, match="models/nothere.gin"):
+    train.resolve_gin_file("models/nothere.gin")
