@@ -83,7 +83,7 @@ def read_gin(path: pathlib.Path) -> dict[str, Any]:
   raw = {}
   for statement in config_parser.ConfigParser(path.read_text(), Delegate()):
     if isinstance(statement, config_parser.BindingStatement):
-      key = f"{statement.selector}.{statement.arg_name}" if statement.arg_name else statement.selector
+      key = statement.selector + (f".{statement.arg_name}" if statement.arg_name else "")
       raw[key] = statement.value
 
   def resolve(value, depth=0):
@@ -103,6 +103,13 @@ def read_gin(path: pathlib.Path) -> dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class _Macro:
   name: str
+
+
+def _read_json(path: pathlib.Path) -> dict:
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ReportError(f"{path}: not valid JSON: {e}") from e
 
 
 def _method_of(results: dict) -> str:
@@ -139,8 +146,12 @@ def _declaration(run_dir: pathlib.Path, results: dict, gin: dict) -> dict:
   """What a run is (benchmark, method, seed, datasets): run.json, else results.json + config.gin."""
   path = run_dir / RUN_FILE
   if path.is_file():
-    declared = json.loads(path.read_text())
+    declared = _read_json(path)
     missing = [k for k in ("benchmark", "method", "seed") if k not in declared]
+    if declared.get("benchmark") == T0 and "datasets" not in declared:
+      if "dataset" not in declared:
+        missing.append("datasets")
+      declared["datasets"] = {declared.get("dataset"): []}
     if missing:
       raise ReportError(f"{path}: missing {missing}")
     return declared
@@ -184,7 +195,7 @@ def read_run(run_dir: pathlib.Path, metric: str) -> Optional[Run]:
 
   A run that evaluated nothing (a pre-training run next to a sweep) gives None.
   """
-  results = json.loads((run_dir / RESULTS_FILE).read_text())
+  results = _read_json(run_dir / RESULTS_FILE)
   if not results.get("eval"):
     return None
   gin_path = run_dir / CONFIG_FILE
@@ -214,7 +225,7 @@ def collect(paths: Sequence[str | pathlib.Path]) -> tuple[list[pathlib.Path], li
     if not root.is_dir():
       raise ReportError(f"{root}: not a directory")
     for sweep_file in sorted(root.rglob(SWEEP_FILE)):
-      plan = json.loads(sweep_file.read_text())
+      plan = _read_json(sweep_file)
       for planned in plan.get("runs", []):
         run_dir = sweep_file.parent / planned["dir"]
         if not (run_dir / RESULTS_FILE).is_file():

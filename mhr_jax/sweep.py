@@ -9,10 +9,11 @@ an interrupted one from its last checkpoint; `mhr_jax.report` turns the folder i
 Flags: ``--init_from`` (the pre-training run), ``--methods`` (adapter modes fine-tuned from it:
 ``mhr``, ``mhr_z``, ``mhr_mu``, ``poly`` from a Poly/MHR run, ``lora`` from a LoRA run),
 ``--datasets`` (T0 held-out datasets with an evaluation set; default all five), ``--seeds``
-(few-shot seeds; default 42, 1024, 0, the authors' ``finetune_t0`` in ``projects/mhr/pl_finetune.py``,
-microsoft/mttl at ``mhr-camera-ready``), ``--shots`` (the ``<k>_shot`` folder; default the only
-one), ``--t0_data_dir`` (default ``$MHR_DATA_DIR``), ``--out``, ``--dry_run`` (print the plan);
-and as in ``mhr_jax.train``: ``--gin_file`` (repeatable), ``--gin_search_path``, ``--gin.NAME=VALUE``.
+(few-shot seeds; default 42, 1024, 0, the authors' ``finetune_t0`` in
+``projects/mhr/pl_finetune.py``, microsoft/mttl at ``mhr-camera-ready``), ``--shots`` (the
+``<k>_shot`` folder; default the only one), ``--t0_data_dir`` (default ``$MHR_DATA_DIR``),
+``--out``, ``--dry_run`` (print the plan); and as in ``mhr_jax.train``: ``--gin_file``
+(repeatable), ``--gin_search_path``, ``--gin.NAME=VALUE``.
 
 Each run gets the gin files and bindings, then its own: ``MODEL_DIR``, ``MIXTURE``, ``EVAL_TASKS``,
 ``INIT_FROM``, ``SEED`` (the run's seed is its few-shot seed, as in the authors' code), the method
@@ -44,7 +45,8 @@ RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
 DEFAULT_SEEDS = (42, 1024, 0)
 # What a pre-trained run of each mode can be fine-tuned as (as `trainer.build_model` allows).
-METHODS_FROM = {"mhr": ("mhr", "mhr_z", "mhr_mu", "poly"), "poly": ("poly", "mhr", "mhr_z", "mhr_mu"),
+METHODS_FROM = {"mhr": ("mhr", "mhr_z", "mhr_mu", "poly"),
+                "poly": ("poly", "mhr", "mhr_z", "mhr_mu"),
                 "lora": ("lora",), "mhr_mu": ("mhr_mu",)}
 # Adapter fields that must match the pre-trained run's (the checkpoint's shapes).
 ADAPTER_SHAPE = ("n_skills", "n_splits", "lora_rank", "lora_alpha", "layers")

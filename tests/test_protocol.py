@@ -1,4 +1,4 @@
-"""Dataset-level T0 scores: T0's median over templates and the authors' random template per example."""
+"""Dataset-level T0 scores: T0's median over templates, the authors' random template per example."""
 
 import numpy as np
 import pytest

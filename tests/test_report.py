@@ -148,3 +148,13 @@ def test_super_ni_rouge_l_median_over_seeds_then_mean_over_tasks(tmp_path):
   assert table["methods"]["poly"]["mean"] == 27.5
   text = report.format_markdown({"super_ni": table})
   assert "| mhr | 45.0 (7.1) | 0: 50.0, 1: 40.0 |" in text
+
+
+def test_unreadable_or_incomplete_declarations_are_named(tmp_path):
+  write_run(tmp_path / "broken", results={"kind": "finetune", "mode": "mhr", "eval": {"x": {}}},
+            gin=gin_text(0), declared={"benchmark": "t0", "method": "mhr"})
+  with pytest.raises(report.ReportError, match="broken/run.json: missing \\['seed', 'datasets'\\]"):
+    report.report([tmp_path])
+  (tmp_path / "broken" / "results.json").write_text("{not json")
+  with pytest.raises(report.ReportError, match="broken/results.json: not valid JSON"):
+    report.report([tmp_path])
