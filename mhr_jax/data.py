@@ -439,3 +439,129 @@ def rank_accuracy(targets: Sequence[int], predictions: Sequence[int]) -> dict[st
   if targets.shape != predictions.shape:
     raise ValueError(f"{len(targets)} targets but {len(predictions)} predictions")
   return {"accuracy": float(100.0 * np.mean(targets == predictions))}
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+MULTIPLE_CHOICE_KEYS = BATCH_KEYS + ("example_ids", "choice_ids", "is_correct", "choice_mask")
+
+
+def _choice_tokens(vocabulary: seqio.Vocabulary, choice: Any, length: int) -> list[int]:
+  """A choice's token ids ending with EOS, at most ``length`` of them (EOS kept on truncation)."""
+  text = choice.decode() if isinstance(choice, bytes) else str(choice)
+  return list(vocabulary.encode(text))[: length - 1] + [1]
+
+
+def multiple_choice_rows(
+  examples: Sequence[Mapping[str, Any]],
+  vocabulary: seqio.Vocabulary,
+  table: TaskIdTable,
+  feature_lengths: Mapping[str, int],
+  n_choices: int,
+) -> dict[str, np.ndarray]:
+  """A T-Few training batch: every example as ``n_choices`` rows, one per answer choice.
+
+  Rows are example-major: row ``b * n_choices + c`` holds example b's inputs and its choice c as
+  the target (``models.tfew_losses`` reshapes to [B, C]). An example with fewer choices is padded
+  with all-zero rows (``choice_mask`` 0, no loss weight); one with more is an error.
+
+  Args:
+    examples: dicts with ``inputs`` (token ids), ``answer_choices`` (strings or bytes), ``label``
+      (index of the gold choice) and ``task_name``.
+    vocabulary: encodes the answer choices (EOS appended; truncation keeps it).
+    table: the run's task-id table.
+    feature_lengths: ``{"inputs": Li, "targets": Lt}``.
+    n_choices: C, the same for every batch of a run (see `max_choices`).
+
+  Returns:
+    The arrays of `MULTIPLE_CHOICE_KEYS`, each with ``len(examples) * n_choices`` rows;
+    ``example_ids`` is the example's position in ``examples``.
+  """
+  li, lt = feature_lengths["inputs"], feature_lengths["targets"]
+  n = len(examples) * n_choices
+  out = {"encoder_input_tokens": np.zeros((n, li), np.int32),
+         "decoder_target_tokens": np.zeros((n, lt), np.int32)}
+  for k in ("example_ids", "choice_ids", "is_correct", "choice_mask"):
+    out[k] = np.zeros(n, np.int32)
+  names = []
+  for b, ex in enumerate(examples):
+    choices, label = list(ex["answer_choices"]), int(ex["label"])
+    name = ex["task_name"].decode() if isinstance(ex["task_name"], bytes) else ex["task_name"]
+    if len(choices) > n_choices:
+      raise ValueError(f"Example {b} of {name!r} has {len(choices)} answer choices; the batch "
+                       f"layout holds n_choices={n_choices}")
+    if not 0 <= label < len(choices):
+      raise ValueError(f"Example {b} of {name!r}: label {label} is not one of its "
+                       f"{len(choices)} choices")
+    inputs = np.asarray(ex["inputs"], np.int32)[:li]
+    for c in range(n_choices):
+      row = b * n_choices + c
+      out["encoder_input_tokens"][row, : len(inputs)] = inputs
+      out["example_ids"][row], out["choice_ids"][row] = b, c
+      names.append(name)
+      if c < len(choices):
+        target = _choice_tokens(vocabulary, choices[c], lt)
+        out["decoder_target_tokens"][row, : len(target)] = target
+        out["choice_mask"][row] = 1
+        out["is_correct"][row] = int(c == label)
+  if not names:
+    raise ValueError("No examples to build multiple-choice rows from")
+  targets = out["decoder_target_tokens"]
+  out["decoder_input_tokens"] = np.concatenate(
+    [np.zeros((n, 1), np.int32), targets[:, :-1]], axis=1)  # [N, Lt] shifted right
+  out["decoder_loss_weights"] = (targets > 0).astype(np.float32)
+  out["task_ids"] = table.ids(names)
+  return out
+
+
+def max_choices(name: str, split: str = "train") -> int:
+  """The largest number of answer choices of any example of a task or mixture's split."""
+  ds = get_examples(name, split)
+  most = 0
+  for ex in ds.as_numpy_iterator():
+    most = max(most, len(ex["answer_choices"]))
+  if not most:
+    raise ValueError(f"{name!r} ({split}) has no example with answer choices")
+  return most
+
+
+class MultipleChoiceIterator:
+  """Per-host T-Few training batches of a choice task: `multiple_choice_rows` of ``batch_size``
+  shuffled examples, repeated forever; resumable from a batch count like `BatchIterator`.
+
+  Args:
+    name: a registered seqio task or mixture whose examples carry ``answer_choices`` and
+      ``label`` (e.g. ``tasks.t0`` tasks).
+    table: the run's task-id table.
+    feature_lengths: ``{"inputs": Li, "targets": Lt}``.
+    batch_size: examples per host batch (rows: ``batch_size * n_choices``).
+    n_choices: C, e.g. ``max_choices(name)``.
+    split, seed, shard_index, num_shards: as in `BatchIterator`.
+    start_batch: batches already consumed (the saved data position).
+  """
+
+  def __init__(self, name: str, table: TaskIdTable, feature_lengths: Mapping[str, int],
+               batch_size: int, n_choices: int, *, split: str = "train", seed: int = 0,
+               shard_index: int = 0, num_shards: int = 1, start_batch: int = 0):
+    provider = get_provider(name)
+    missing = [t.name for t in _leaf_tasks(provider) if t.name not in table.as_dict()]
+    if missing:
+      raise KeyError(f"Tasks of {name!r} missing from the task-id table: {missing}")
+    self.table, self.batch_size, self.n_choices = table, batch_size, n_choices
+    self.feature_lengths = dict(feature_lengths)
+    self.vocabulary = provider.output_features["targets"].vocabulary
+    ds = get_examples(name, split, feature_lengths, shuffle=True, seed=seed, num_epochs=None,
+                      shard_index=shard_index, num_shards=num_shards)
+    options = tf.data.Options()
+    options.deterministic = True
+    self._it = ds.skip(start_batch * batch_size).with_options(options).as_numpy_iterator()
+    self.position = start_batch
+
+  def __iter__(self) -> "MultipleChoiceIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    examples = [next(self._it) for _ in range(self.batch_size)]
+    self.position += 1
+    return multiple_choice_rows(examples, self.vocabulary, self.table, self.feature_lengths,
+                                self.n_choices)

@@ -123,6 +123,98 @@ def loss_fn(model: T5, batch, *, deterministic: bool = False, label_smoothing: f
   return loss, {"loss": loss, "n_tokens": n_tokens}
 
 
+# ----------------------------------------------------------------------------------------------
+# T-Few losses of multiple-choice fine-tuning (Liu et al. 2022, "Few-Shot Parameter-Efficient
+# Fine-Tuning is Better and Cheaper than In-Context Learning", section 3.2; the MHR authors'
+# ``mttl/models/t0_encoder_decoder.py``, ``training_step``, with ``mc_loss``, ``length_norm`` and
+# ``unlikely_loss`` all 1 in every ``projects/mhr/configs/t0/<dataset>.json``).
+
+
+def tfew_losses(
+    logits: Array, targets: Array, weights: Array, is_correct: Array, n_choices: int, *,
+    length_norm: float = 1.0, mc_weight: float = 1.0, unlikely_weight: float = 1.0,
+) -> tuple[Array, dict]:
+  """The T-Few loss of a multiple-choice batch: LM + ``mc_weight`` MC + ``unlikely_weight`` UL.
+
+  Rows are example-major (``data.multiple_choice_rows``): row ``b * n_choices + c`` holds answer
+  choice c of example b as its target; a padded choice has all-zero ``weights``. With s_bc the
+  summed token NLL of choice c divided by its length ** ``length_norm``:
+
+  - LM: token cross-entropy of the gold choices, averaged over their tokens;
+  - MC: cross-entropy of softmax(-s_b) against the gold choice, averaged over examples;
+  - UL: -log(1 - p + 0.01) over every token of the wrong choices (p its probability under
+    teacher forcing), averaged over those tokens.
+
+  The authors' UL adds -log(1.01) for every masked position (padding and gold rows) to the sum
+  before dividing by the number of wrong-choice tokens: a constant with no gradient, left out
+  here, so our value is theirs plus 0.00995 * n_masked / n_wrong_tokens.
+
+  Args:
+    logits: [B*C, L, V] decoder logits.
+    targets: [B*C, L] choice tokens (EOS included, 0-padded).
+    weights: [B*C, L] 1 on real target tokens.
+    is_correct: [B*C] 1 on each example's gold choice.
+    n_choices: C.
+    length_norm: exponent of the length normalisation (0: summed NLL).
+    mc_weight, unlikely_weight: weights of the MC and UL terms.
+
+  Returns:
+    (loss, metrics with ``loss``, ``lm_loss``, ``mc_loss``, ``unlikely_loss``, ``accuracy`` (of
+    picking the lowest s_bc), ``n_tokens`` (gold tokens)).
+  """
+  n_rows, length = targets.shape
+  if n_rows % n_choices:
+    raise ValueError(f"{n_rows} rows are not a whole number of examples of {n_choices} choices")
+  b = n_rows // n_choices
+  nll = token_nll(logits.astype(jnp.float32), targets, 0.0).reshape(b, n_choices, length)
+  w = weights.astype(jnp.float32).reshape(b, n_choices, length)  # [B*C, L] -> [B, C, L]
+  gold = is_correct.reshape(b, n_choices) > 0  # [B*C] -> [B, C]
+  choice_len = jnp.sum(w, axis=-1)  # [B, C]
+  real = choice_len > 0
+  scores = jnp.sum(nll * w, axis=-1) / jnp.maximum(choice_len, 1.0) ** length_norm  # [B, C]
+
+  gold_w = w * gold[..., None]
+  n_gold = jnp.sum(gold_w)
+  lm = jnp.sum(nll * gold_w) / jnp.maximum(n_gold, 1.0)
+
+  logit = jnp.where(real, -scores, -jnp.inf)
+  per_example = jax.nn.logsumexp(logit, axis=-1) - jnp.sum(jnp.where(gold, logit, 0.0), axis=-1)
+  has_gold = jnp.any(gold, axis=-1)
+  mc = jnp.sum(jnp.where(has_gold, per_example, 0.0)) / jnp.maximum(jnp.sum(has_gold), 1)
+
+  wrong_w = w * (~gold)[..., None]
+  unlikely = -jnp.log(1.0 - jnp.exp(-nll) + 1e-2)
+  ul = jnp.sum(unlikely * wrong_w) / jnp.maximum(jnp.sum(wrong_w), 1.0)
+
+  loss = lm + mc_weight * mc + unlikely_weight * ul
+  pred = jnp.argmin(jnp.where(real, scores, jnp.inf), axis=-1)
+  correct = jnp.take_along_axis(gold, pred[:, None], axis=-1)[:, 0]
+  accuracy = jnp.sum(correct & has_gold) / jnp.maximum(jnp.sum(has_gold), 1)
+  return loss, {"loss": loss, "lm_loss": lm, "mc_loss": mc, "unlikely_loss": ul,
+                "accuracy": accuracy, "n_tokens": n_gold}
+
+
+def tfew_loss_fn(model: T5, batch, n_choices: int, *, deterministic: bool = False,
+                 length_norm: float = 1.0, mc_weight: float = 1.0, unlikely_weight: float = 1.0
+                 ) -> tuple[Array, dict]:
+  """`tfew_losses` of a multiple-choice batch (``data.multiple_choice_rows`` layout).
+
+  The encoder runs once per example, on the first of its ``n_choices`` rows, and its output is
+  repeated for every choice, as in the authors' ``training_step`` (one dropout mask per example
+  for all its choices); the decoder runs on every row.
+  """
+  tokens = batch["encoder_input_tokens"]
+  ids = batch.get("task_ids")
+  encoded = model.encode(tokens[::n_choices], None if ids is None else ids[::n_choices],
+                         deterministic=deterministic)  # [B, Li, E]
+  encoded = jnp.repeat(encoded, n_choices, axis=0)  # [B, Li, E] -> [B*C, Li, E]
+  logits = model.decode(encoded, tokens, batch["decoder_input_tokens"], ids,
+                        deterministic=deterministic)
+  return tfew_losses(logits, batch["decoder_target_tokens"], loss_weights(batch),
+                     batch["is_correct"], n_choices, length_norm=length_norm,
+                     mc_weight=mc_weight, unlikely_weight=unlikely_weight)
+
+
 def score_targets(model: T5, batch) -> tuple[Array, Array]:
   """Summed target log-likelihood and target length per row: ([B], [B]).
 
