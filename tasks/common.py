@@ -49,15 +49,22 @@ def add_text_task(
   metric_fns: Sequence[Callable],
   shuffle_buffer_size: int,
   postprocess_fn: Optional[Callable] = None,
+  routing_name: Optional[str] = None,
+  preprocessors: Sequence[Callable] = (),
 ) -> None:
-  """Registers a task of ``inputs`` / ``targets`` strings: task name added, tokenized, EOS added."""
+  """Registers a task of ``inputs`` / ``targets`` strings: task name added, tokenized, EOS added.
+
+  ``routing_name`` (default ``name``) is the ``task_name`` feature, the name the task-id table
+  looks up: tasks that share one routing row carry the same routing name. ``preprocessors`` run
+  after tokenization, before EOS is appended.
+  """
   features = {"inputs": seqio.Feature(vocabulary, add_eos=True),
               "targets": seqio.Feature(vocabulary, add_eos=True)}
   seqio.TaskRegistry.add(
     name,
     source=source,
-    preprocessors=[add_task_name(name), seqio.preprocessors.tokenize,
-                   seqio.preprocessors.append_eos_after_trim],
+    preprocessors=[add_task_name(routing_name or name), seqio.preprocessors.tokenize,
+                   *preprocessors, seqio.preprocessors.append_eos_after_trim],
     output_features=features,
     postprocess_fn=postprocess_fn,
     metric_fns=list(metric_fns),

@@ -23,8 +23,12 @@ an empty input or target (some COPA templates apply to "cause" questions only, u
 dropped, counted and logged.
 
 Each task carries ``answer_choices`` and ``label`` next to ``inputs``/``targets`` for rank
-classification (`mhr_jax.data.rank_classification_rows`); its metric is
-`mhr_jax.data.rank_accuracy`.
+classification (`mhr_jax.data.rank_classification_rows`) and the T-Few training batches
+(`mhr_jax.data.multiple_choice_rows`); its metric is `mhr_jax.data.rank_accuracy`.
+
+Few-shot fine-tuning trains on one task per held-out dataset, ``t0_<dataset>_fewshot``: one task
+id (one routing row) for the whole dataset and a template drawn at random for each example, as the
+authors fine-tune (docs/paper_settings.md). Evaluation stays per template.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ import pathlib
 import re
 from typing import Any, Optional, Sequence, Union
 
+import gin
 import jinja2
+import numpy as np
 import seqio
 import tensorflow as tf
 import yaml
@@ -57,13 +63,16 @@ class DatasetSpec:
   templates: str  # Folder under promptsource_templates.
   eval: Optional[str] = None  # Folder under t0_heldout/eval holding val.jsonl.
   label_names: tuple[str, ...] = ()  # String label -> its index.
+  n_train_templates: Optional[int] = None  # Few-shot task: the first n templates by name.
 
 
 DATASETS: dict[str, DatasetSpec] = {
   "rte": DatasetSpec("rte", "super_glue/rte", "super_glue/RTE", ("entailment", "not_entailment")),
   "cb": DatasetSpec("cb", "super_glue/cb", "super_glue/CB",
                     ("entailment", "contradiction", "neutral")),
-  "copa": DatasetSpec("copa", "super_glue/copa", "super_glue/COPA", ("choice1", "choice2")),
+  # The authors' COPA reader keeps the first 8 original-task templates by name, the ones that
+  # render both "cause" and "effect" questions (mttl t0_dataset_readers.py, COPAReader).
+  "copa": DatasetSpec("copa", "super_glue/copa", "super_glue/COPA", ("choice1", "choice2"), 8),
   "wic": DatasetSpec("wic", "super_glue/wic", "super_glue/WiC", ("false", "true")),
   "wsc": DatasetSpec("wsc", "super_glue/wsc.fixed", "super_glue/WSC", ("false", "true")),
   "anli_r1": DatasetSpec("anli-r1", "anli"),
@@ -217,15 +226,19 @@ def normalise_row(row: dict, spec: DatasetSpec, where: str) -> dict:
   return row
 
 
-def render_file(path: pathlib.Path, spec: DatasetSpec, template: Template) -> list[dict]:
-  """The rendered examples of one data file under one template (dropped ones are logged)."""
-  out, dropped = [], 0
+def render_rows(path: pathlib.Path, spec: DatasetSpec, template: Template) -> list[Optional[dict]]:
+  """Every row of a data file rendered under one template, in file order.
+
+  A row whose prompt renders an empty input or target is ``None``; a target that is not one of
+  the rendered answer choices is an error naming the file and line.
+  """
+  out = []
   for n, row in read_jsonl(path):
     where = f"{path}:{n}"
     row = normalise_row(row, spec, where)
     inputs, targets, choices = template.render(row, where)
     if not inputs or not targets:
-      dropped += 1
+      out.append(None)
       continue
     if targets not in choices:
       raise ValueError(
@@ -234,9 +247,17 @@ def render_file(path: pathlib.Path, spec: DatasetSpec, template: Template) -> li
       )
     out.append({"inputs": inputs, "targets": targets, "answer_choices": choices,
                 "label": choices.index(targets)})
+  return out
+
+
+def render_file(path: pathlib.Path, spec: DatasetSpec, template: Template) -> list[dict]:
+  """The rendered examples of one data file under one template (dropped ones are logged)."""
+  rows = render_rows(path, spec, template)
+  out = [r for r in rows if r is not None]
+  dropped = len(rows) - len(out)
   if dropped:
     logging.info("%s: template %r left %d of %d examples empty; dropped them",
-                 path, template.name, dropped, dropped + len(out))
+                 path, template.name, dropped, len(rows))
   if not out:
     raise ValueError(f"{path}: template {template.name!r} renders no example")
   return out
@@ -267,8 +288,26 @@ def _postprocess(output, example=None, is_target=False):
   return output
 
 
+_SIGNATURE = {
+  "inputs": tf.TensorSpec([], tf.string),
+  "targets": tf.TensorSpec([], tf.string),
+  "answer_choices": tf.TensorSpec([None], tf.string),
+  "label": tf.TensorSpec([], tf.int32),
+}
+
+
+def _add(name, dataset_fn, splits, vocabulary, routing_name=None):
+  # Few-shot splits hold at most 70 rows; a larger shuffle buffer only slows the start.
+  common.add_text_task(
+    name, seqio.FunctionDataSource(dataset_fn, splits=list(splits)), vocabulary,
+    postprocess_fn=_postprocess, metric_fns=[data_lib.rank_accuracy], shuffle_buffer_size=128,
+    routing_name=routing_name)
+
+
 def _register_task(name: str, files: dict[str, pathlib.Path], spec: DatasetSpec,
-                   template: Template, vocabulary: seqio.Vocabulary):
+                   template: Template, vocabulary: seqio.Vocabulary,
+                   routing_name: Optional[str] = None):
+  """One (dataset, template) task; ``routing_name`` as in ``common.add_text_task``."""
   @functools.lru_cache(maxsize=None)
   def rendered(split):
     return render_file(files[split], spec, template)
@@ -276,82 +315,172 @@ def _register_task(name: str, files: dict[str, pathlib.Path], spec: DatasetSpec,
   def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None) -> tf.data.Dataset:
     del shuffle_files, seed
     exs = rendered(split)
-    signature = {
-      "inputs": tf.TensorSpec([], tf.string),
-      "targets": tf.TensorSpec([], tf.string),
-      "answer_choices": tf.TensorSpec([None], tf.string),
-      "label": tf.TensorSpec([], tf.int32),
-    }
-    return tf.data.Dataset.from_generator(lambda: iter(exs), output_signature=signature)
+    return tf.data.Dataset.from_generator(lambda: iter(exs), output_signature=_SIGNATURE)
 
-  # Few-shot splits hold at most 70 rows; a larger shuffle buffer only slows the start.
-  common.add_text_task(
-    name, seqio.FunctionDataSource(dataset_fn, splits=list(files)), vocabulary,
-    postprocess_fn=_postprocess, metric_fns=[data_lib.rank_accuracy], shuffle_buffer_size=128)
+  _add(name, dataset_fn, files, vocabulary, routing_name)
 
 
-_REGISTERED: dict[tuple, dict[str, list[str]]] = {}
+def _register_fewshot_task(name: str, path: pathlib.Path, spec: DatasetSpec,
+                           templates: Sequence[Template], vocabulary: seqio.Vocabulary):
+  """The few-shot training task of a dataset: one task name, a template drawn per example.
+
+  As the authors' fine-tuning data (mttl ``t0_data_module.py``, ``T0FinetuneDatasetWithTemplate``
+  with ``ds_id=0``, ``np.random.choice`` of a template in ``__getitem__``): every visit of an
+  example, every epoch, renders it with a template drawn uniformly from ``templates``. The draws
+  come from a generator seeded by the seed seqio passes for the split (the run's seed; 0 without
+  one), so a run and its resumption see the same prompts. Templates that render an example empty
+  are left out of its draw (the authors' code would fail on them; their COPA keeps the 8
+  templates that render every example).
+  """
+  @functools.lru_cache(maxsize=None)
+  def choices():
+    per_template = [render_rows(path, spec, t) for t in templates]
+    out = []
+    for i, renders in enumerate(zip(*per_template)):
+      kept = [r for r in renders if r is not None]
+      if not kept:
+        raise ValueError(f"{path}: example {i + 1} renders empty under every template of {name}")
+      out.append(kept)
+    return out
+
+  def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None) -> tf.data.Dataset:
+    del split, shuffle_files
+    rows = choices()
+    rng = np.random.default_rng(0 if seed is None else seed)
+
+    def visit():  # Called again for every epoch: the generator goes on drawing.
+      for options in rows:
+        yield options[int(rng.integers(len(options)))]
+
+    return tf.data.Dataset.from_generator(visit, output_signature=_SIGNATURE)
+
+  _add(name, dataset_fn, ["train"], vocabulary)
 
 
+# Shots of the authors' few-shot runs (mttl ``dataloader/t0_dataset_readers.py``,
+# ``NUM_SHOTS_CONFIG``); the T-Few release ships ANLI as 50-shot files only.
+AUTHORS_SHOTS = {"rte": 32, "cb": 32, "copa": 32, "wic": 32, "wsc": 32, "anli_r1": 32,
+                 "anli_r2": 32, "anli_r3": 32, "hswag": 20, "winogrande": 50, "storycloze": 70}
+
+
+def fewshot_task(dataset: str) -> str:
+  """Name of the few-shot training task of a dataset (one routing row; see `register_t0`)."""
+  return f"t0_{dataset}_fewshot"
+
+
+def fewshot_eval_mixture(dataset: str) -> str:
+  """Name of the mixture that evaluates each template through the few-shot task's routing."""
+  return f"t0_{dataset}_fewshot_eval"
+
+
+def training_templates(templates: Sequence[Template], spec: DatasetSpec) -> list[Template]:
+  """The templates the few-shot task draws from: by name, as promptsource lists them, and the
+  first ``spec.n_train_templates`` of them when set (the authors' COPA reader keeps 8)."""
+  ordered = sorted(templates, key=lambda t: t.name)
+  return ordered[: spec.n_train_templates] if spec.n_train_templates else ordered
+
+
+# dataset -> (what it was registered from, {"templates": [...], "fewshot": ..., "eval": [...]})
+_DATASETS_DONE: dict[str, tuple[tuple, dict]] = {}
+_CALLS: dict[tuple, dict[str, list[str]]] = {}
+
+
+def _register_dataset(ds_name: str, root: pathlib.Path, files: dict, vocabulary,
+                      original_task_only: bool) -> dict:
+  spec = DATASETS[ds_name]
+  templates = load_templates(root / "promptsource_templates" / spec.templates / "templates.yaml")
+  kept = [t for t in templates
+          if t.answer_choices is not None and (t.original_task or not original_task_only)]
+  logging.info("T0 %s: %d of %d templates kept (original task, with answer choices)",
+               ds_name, len(kept), len(templates))
+  out = {"templates": [], "eval": []}
+  for t in kept:
+    name = f"t0_{ds_name}_{t.slug}"
+    if name in out["templates"]:
+      name = f"{name}_{t.id[:8]}"
+    _register_task(name, files, spec, t, vocabulary)
+    out["templates"].append(name)
+    eval_name = name.replace(f"t0_{ds_name}_", f"{fewshot_eval_mixture(ds_name)}_", 1)
+    _register_task(eval_name, files, spec, t, vocabulary, routing_name=fewshot_task(ds_name))
+    out["eval"].append(eval_name)
+  seqio.MixtureRegistry.add(f"t0_{ds_name}", out["templates"], default_rate=1.0)
+  seqio.MixtureRegistry.add(fewshot_eval_mixture(ds_name), out["eval"], default_rate=1.0)
+  _register_fewshot_task(fewshot_task(ds_name), files["train"], spec,
+                         training_templates(kept, spec), vocabulary)
+  return out
+
+
+@gin.configurable(denylist=["data_dir", "vocabulary"])
 def register_t0(
   data_dir: Union[None, str, os.PathLike] = None,
   *,
   datasets: Sequence[str] = tuple(DATASETS),
-  shots: Optional[dict[str, int]] = None,
+  shots: Union[None, int, dict[str, int]] = None,
   fewshot_seed: int = 42,
   vocabulary: Union[None, str, os.PathLike, seqio.Vocabulary] = None,
   original_task_only: bool = True,
 ) -> dict[str, list[str]]:
-  """Registers ``t0_<dataset>_<template>`` tasks and the mixtures ``t0_<dataset>``, ``t0_heldout``.
+  """Registers the T0 held-out tasks of ``datasets`` and their mixtures.
 
-  Safe to call twice with the same arguments; other arguments after a first call fail.
+  Per dataset: ``t0_<dataset>_<template>`` tasks, one per template, in the mixture
+  ``t0_<dataset>`` (evaluation, and the per-template training of earlier versions); the few-shot
+  training task `fewshot_task` (``t0_<dataset>_fewshot``: one task id, a template drawn per
+  example, as the authors fine-tune); and the mixture `fewshot_eval_mixture` of the same
+  per-template tasks routed through the few-shot task's id. ``t0_heldout`` mixes the per-template
+  tasks of every registered dataset.
+
+  Datasets can be added by later calls; registering one again is a no-op when it resolves to the
+  same files and fails otherwise. The trainer calls this with ``DataConfig.t0_data_dir``; the
+  other arguments are gin-configurable (``register_t0.shots = 32``).
 
   Args:
     data_dir: the folder described in the module docstring; default ``$MHR_DATA_DIR``.
     datasets: keys of `DATASETS` to register.
-    shots: ``{dataset: k}`` picking ``<k>_shot`` folders; by default the only folder present.
-    fewshot_seed: which ``<seed>_seed.jsonl`` few-shot file is the train split.
+    shots: picks ``<k>_shot`` folders: one k for every dataset, or ``{dataset: k}``; by default
+      (and for datasets missing from the dict) the only folder present.
+    fewshot_seed: which ``<seed>_seed.jsonl`` few-shot file is the train split (the authors use
+      the run's seed).
     vocabulary: a seqio vocabulary or SentencePiece path; default ``$MHR_SPM_PATH`` or
       ``<data_dir>/tokenizer/spiece.model``.
     original_task_only: keep only templates marked ``original_task`` (T0's evaluation prompts).
 
   Returns:
-    ``{dataset: [task names]}``.
+    ``{dataset: [per-template task names]}`` of this call's datasets.
   """
   root = _data_dir(data_dir)
   unknown = [d for d in datasets if d not in DATASETS]
   if unknown:
     raise ValueError(f"Unknown T0 datasets {unknown}; known: {sorted(DATASETS)}")
-  key = (str(root.resolve()), tuple(datasets), tuple(sorted((shots or {}).items())), fewshot_seed,
-         str(vocabulary), original_task_only)
-  if key in _REGISTERED:
-    return _REGISTERED[key]
-  if _REGISTERED:
-    raise ValueError(
-      f"T0 tasks are already registered with other arguments: {next(iter(_REGISTERED))}")
-  vocabulary = vocab_lib.resolve(vocabulary, root / "tokenizer" / "spiece.model")
-  names: dict[str, list[str]] = {}
+  files = {}
   for ds_name in datasets:
     spec = DATASETS[ds_name]
-    files = {"train": fewshot_file(root, spec, (shots or {}).get(ds_name), fewshot_seed)}
+    k = shots.get(ds_name) if isinstance(shots, dict) else shots
+    files[ds_name] = {"train": fewshot_file(root, spec, k, fewshot_seed)}
     if spec.eval:
-      files["validation"] = root / "t0_heldout" / "eval" / spec.eval / "val.jsonl"
-    for f in files.values():
-      if not f.is_file():
-        raise FileNotFoundError(f"T0 data file not found: {f}")
-    templates = load_templates(root / "promptsource_templates" / spec.templates / "templates.yaml")
-    kept = [t for t in templates
-            if t.answer_choices is not None and (t.original_task or not original_task_only)]
-    logging.info("T0 %s: %d of %d templates kept (original task, with answer choices)",
-                 ds_name, len(kept), len(templates))
-    names[ds_name] = []
-    for t in kept:
-      name = f"t0_{ds_name}_{t.slug}"
-      if name in names[ds_name]:
-        name = f"{name}_{t.id[:8]}"
-      _register_task(name, files, spec, t, vocabulary)
-      names[ds_name].append(name)
-    seqio.MixtureRegistry.add(f"t0_{ds_name}", names[ds_name], default_rate=1.0)
-  seqio.MixtureRegistry.add("t0_heldout", [n for v in names.values() for n in v], default_rate=1.0)
-  _REGISTERED[key] = names
-  return names
+      files[ds_name]["validation"] = root / "t0_heldout" / "eval" / spec.eval / "val.jsonl"
+  call = (str(root.resolve()), tuple((d, tuple(sorted((s, str(p)) for s, p in f.items())))
+                                     for d, f in files.items()), str(vocabulary), original_task_only)
+  if call in _CALLS:
+    return _CALLS[call]
+  for f in (f for ds_files in files.values() for f in ds_files.values()):
+    if not f.is_file():
+      raise FileNotFoundError(f"T0 data file not found: {f}")
+  keys = {d: (call[0], sorted((s, str(p)) for s, p in f.items()), call[2], call[3])
+          for d, f in files.items()}
+  for ds_name, key in keys.items():
+    done = _DATASETS_DONE.get(ds_name)
+    if done is not None and done[0] != key:
+      raise ValueError(f"T0 dataset {ds_name!r} is already registered with other arguments: "
+                       f"{done[0]} (now {key})")
+  vocabulary = vocab_lib.resolve(vocabulary, root / "tokenizer" / "spiece.model")
+  for ds_name, ds_files in files.items():
+    if ds_name not in _DATASETS_DONE:
+      _DATASETS_DONE[ds_name] = (keys[ds_name], _register_dataset(
+        ds_name, root, ds_files, vocabulary, original_task_only))
+  if "t0_heldout" in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove("t0_heldout")
+  seqio.MixtureRegistry.add(
+    "t0_heldout", [n for _, names in _DATASETS_DONE.values() for n in names["templates"]],
+    default_rate=1.0)
+  _CALLS[call] = {d: list(_DATASETS_DONE[d][1]["templates"]) for d in datasets}
+  return _CALLS[call]

@@ -114,6 +114,71 @@ def test_perfect_scorer_gets_100_on_rte_validation(names):
   assert np.mean(gold) == pytest.approx(131 / 277)  # "not_entailment" rows
 
 
+def test_fewshot_task_is_one_task_with_a_template_drawn_per_visit(root, names):
+  name = t0.fewshot_task("rte")
+  assert name == "t0_rte_fewshot" and seqio.get_mixture_or_task(name).splits == ("train",)
+  spec = t0.DATASETS["rte"]
+  path = t0.fewshot_file(root, spec, 32, 42)
+  tpls = [t for t in t0.load_templates(root / "promptsource_templates" / spec.templates /
+                                       "templates.yaml") if t.original_task]
+  # Every example of the 32-shot file under each of the 10 templates: (row, template) by input.
+  where = {r["inputs"]: (i, k) for k, t in enumerate(tpls)
+           for i, r in enumerate(t0.render_rows(path, spec, t))}
+
+  def visits(seed):
+    exs = data.get_examples(name, "train", shuffle=True, seed=seed, num_epochs=3)
+    return [(ex["task_name"], ex["inputs_pretokenized"].decode(), int(ex["label"]))
+            for ex in exs.as_numpy_iterator()]
+
+  first = visits(1)
+  assert len(first) == 3 * 32 and {v[0] for v in first} == {b"t0_rte_fewshot"}
+  seen = [where[text] for _, text, _ in first]
+  by_row = {}
+  for row, k in seen:
+    by_row.setdefault(row, []).append(k)
+  assert sorted(by_row) == list(range(32)) and all(len(v) == 3 for v in by_row.values())
+  assert sum(len(set(v)) > 1 for v in by_row.values()) > 16  # templates change between visits
+  assert len({k for _, k in seen}) == 10
+  assert visits(1) == first and visits(2) != first
+
+
+def test_copa_fewshot_task_draws_from_the_authors_eight_templates(root, names):
+  spec = t0.DATASETS["copa"]
+  tpls = [t for t in t0.load_templates(root / "promptsource_templates" / spec.templates /
+                                       "templates.yaml") if t.original_task]
+  kept = t0.training_templates(tpls, spec)
+  assert [t.name for t in kept] == sorted(t.name for t in tpls)[:8]
+  assert not any(t.name.startswith("\u2026") for t in kept)  # the cause-only/effect-only ones
+  path = t0.fewshot_file(root, spec, 32, 42)
+  assert all(r is not None for t in kept for r in t0.render_rows(path, spec, t))
+
+
+def test_fewshot_training_batches_and_routed_evaluation(names):
+  table = data.TaskIdTable(("some_pretraining_task", t0.fewshot_task("rte")))
+  lengths = {"inputs": 256, "targets": 8}
+  assert data.max_choices(t0.fewshot_task("rte")) == 2
+  it = data.MultipleChoiceIterator(t0.fewshot_task("rte"), table, lengths, 8, 2, seed=0)
+  batch = next(it)
+  assert batch["encoder_input_tokens"].shape == (16, 256)
+  assert set(batch["task_ids"].tolist()) == {1} and batch["is_correct"].sum() == 8
+  assert batch["choice_mask"].all()
+  # Each template is evaluated through the few-shot task's routing row.
+  mixture = seqio.get_mixture_or_task(t0.fewshot_eval_mixture("rte"))
+  assert len(mixture.tasks) == 10
+  task = mixture.tasks[0].name
+  examples = list(data.get_examples(task, "validation", lengths).as_numpy_iterator())[:5]
+  rows = data.rank_classification_rows(examples, seqio.get_mixture_or_task(task)
+                                       .output_features["targets"].vocabulary, table, lengths)
+  assert set(rows["task_ids"].tolist()) == {1}
+
+
+def test_shots_pick_the_folder_and_a_missing_one_is_named(root, names):
+  assert t0.register_t0(root, datasets=["rte"], shots=32) == {"rte": names["rte"]}
+  assert t0.register_t0(root, datasets=["rte"], shots={"rte": 32}) == {"rte": names["rte"]}
+  with pytest.raises(FileNotFoundError, match=r"anli-r1/32_shot/42_seed.jsonl"):
+    t0.register_t0(root, datasets=["anli_r1"], shots=t0.AUTHORS_SHOTS)
+
+
 @pytest.mark.slow
 def test_mixture_batches_carry_t0_task_ids(names):
   table = data.TaskIdTable.from_mixture("t0_copa")
