@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pytest
 import seqio
+import tensorflow as tf
 
 from mhr_jax import data
 from tasks import super_ni
@@ -80,6 +81,9 @@ def test_at_most_n_instances_and_disjoint_few_shot_splits(names):
             for s in ("train", "validation", "test")}
   assert [len(v) for v in splits.values()] == [32, 32, 100]
   assert not (splits["train"] & splits["test"]) and not (splits["validation"] & splits["test"])
+  # The benchmark evaluates a test task's first instances, in file order (instance 3 has none).
+  test = [e["targets_pretokenized"].decode() for e in _split("super_ni_task900_heldout", "test")]
+  assert test == [f"x{i} w{i}" for i in range(101) if i != 3]
 
 
 def test_instances_without_output_are_counted_and_logged(root, caplog):
@@ -142,3 +146,40 @@ def test_missing_directory(tmp_path, monkeypatch):
     super_ni.register_super_ni()
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
     super_ni.register_super_ni(tmp_path / "nowhere")
+
+
+def test_authors_prompt_layout():
+  task = _task("t", 1, definition="Reverse the words")
+  assert super_ni.prompt(task, " w0 x0 ", 0, "mttl") == (
+    "Task definition: Reverse the words.\n"
+    "Now complete the following example -\nInput: w0 x0.\nOutput:")
+  assert super_ni.prompt(task, "Why?", 1, "mttl") == (
+    "Task definition: Reverse the words.\n"
+    " Positive Example 1 -\nInput: a b.\n Output: b a.\n\n"
+    "Now complete the following example -\nInput: Why?\nOutput:")
+  with pytest.raises(ValueError, match="prompt style"):
+    super_ni.prompt(task, "x", 0, "alpaca")
+
+
+def test_long_prompts_keep_their_end():
+  end = list(VOCAB.encode("\nOutput:"))
+  ds = tf.data.Dataset.from_tensors({"inputs": tf.range(3, 40, dtype=tf.int32)})
+  short = tf.data.Dataset.from_tensors({"inputs": tf.range(3, 10, dtype=tf.int32)})
+  cut = next(iter(super_ni.keep_prompt_end(end)(ds, {"inputs": 20})))["inputs"].numpy().tolist()
+  assert len(cut) == 19 and cut[-len(end):] == end and cut[:10] == list(range(3, 13))
+  same = next(iter(super_ni.keep_prompt_end(end)(short, {"inputs": 20})))["inputs"].numpy()
+  assert same.tolist() == list(range(3, 10))
+
+
+def test_sampled_targets_vary_between_visits(root):
+  name = "super_ni_sampled_targets_probe"
+  super_ni._register_task(name, root / "tasks/task002_other.json", {"train": 30}, 0, 0, VOCAB,
+                          "mttl", True)
+  ds = seqio.get_mixture_or_task(name).get_dataset(
+    {"inputs": 64, "targets": 8}, split="train", shuffle=False, seed=3, num_epochs=4)
+  seen = {}
+  for ex in ds.as_numpy_iterator():
+    seen.setdefault(ex["inputs_pretokenized"], set()).add(ex["targets_pretokenized"])
+    assert ex["targets_pretokenized"] in set(ex["references"])
+    assert ex["inputs_pretokenized"].startswith(b"Task definition: Other.\n")
+  assert len(seen) == 30 and sum(len(v) == 2 for v in seen.values()) > 10
