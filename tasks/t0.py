@@ -458,8 +458,8 @@ def register_t0(
     files[ds_name] = {"train": fewshot_file(root, spec, k, fewshot_seed)}
     if spec.eval:
       files[ds_name]["validation"] = root / "t0_heldout" / "eval" / spec.eval / "val.jsonl"
-  call = (str(root.resolve()), tuple((d, tuple(sorted((s, str(p)) for s, p in f.items())))
-                                     for d, f in files.items()), str(vocabulary), original_task_only)
+  resolved = tuple((d, tuple(sorted((s, str(p)) for s, p in f.items()))) for d, f in files.items())
+  call = (str(root.resolve()), resolved, str(vocabulary), original_task_only)
   if call in _CALLS:
     return _CALLS[call]
   for f in (f for ds_files in files.values() for f in ds_files.values()):

@@ -140,6 +140,7 @@ def test_multiple_choice_rows_layout():
   assert vocab.decode(rows["decoder_target_tokens"][1].tolist()) == "no"
   assert rows["decoder_target_tokens"][5].tolist()[-1] == 1  # truncated to 5, EOS kept
   assert rows["decoder_loss_weights"][2].sum() == 0
-  assert rows["decoder_input_tokens"][1].tolist() == [0] + rows["decoder_target_tokens"][1][:4].tolist()
+  shifted = [0] + rows["decoder_target_tokens"][1][:4].tolist()
+  assert rows["decoder_input_tokens"][1].tolist() == shifted
   with pytest.raises(ValueError, match="3 answer choices.*n_choices=2"):
     data.multiple_choice_rows(examples, vocab, table, {"inputs": 4, "targets": 5}, 2)
