@@ -169,8 +169,11 @@ def state_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   """NamedShardings for every array of ``tree`` (an nnx State, or any pytree holding Variables).
 
   Variables with ``logical_axes`` metadata are sharded by the rules; other leaves (RNG keys and
-  counters, optimizer step counts, plain arrays) are replicated. Returns a tree of the same
-  structure with each Variable's value (or bare leaf) replaced by its sharding, usable as jit
+  counters, optimizer step counts, plain arrays) are replicated, and so are Variables whose shape
+  no longer has the rank of their logical axes: optimizer state derived from a parameter with
+  another layout, such as Adafactor's factored row and column statistics and its size-1
+  placeholders (small, so replicating them costs little). Returns a tree of the same structure
+  with each Variable's value (or bare leaf) replaced by its sharding, usable as jit
   ``in_shardings``/``out_shardings``. Dimensions replicated for lack of divisibility are logged.
   """
   replicated = NamedSharding(mesh, P())
@@ -179,7 +182,7 @@ def state_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   def one(path, leaf):
     if _is_variable(leaf):
       logical = leaf.get_metadata().get("logical_axes")
-      if logical is None:
+      if logical is None or len(logical) != len(leaf.shape):
         return leaf.replace(replicated)
       fallbacks: list = []
       spec = logical_to_spec(logical, leaf.shape, mesh, rules, fallbacks=fallbacks)
