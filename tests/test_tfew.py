@@ -3,6 +3,7 @@ multiple-choice batch layout (data.multiple_choice_rows)."""
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,6 +11,10 @@ import seqio
 from flax import nnx
 
 from mhr_jax import data, models, network
+
+# One compiled program per configuration: op-by-op dispatch is slower on CPU.
+tfew_losses = jax.jit(models.tfew_losses, static_argnums=4,
+                      static_argnames=("length_norm", "mc_weight", "unlikely_weight"))
 
 
 def _log_softmax(x):
@@ -50,14 +55,14 @@ def test_uniform_logits_by_hand():
   logits = jnp.zeros((2, 3, 4))
   targets = jnp.array([[2, 1, 0], [3, 2, 1]])
   weights = (targets > 0).astype(jnp.float32)
-  loss, m = models.tfew_losses(logits, targets, weights, jnp.array([1, 0]), 2)
+  loss, m = tfew_losses(logits, targets, weights, jnp.array([1, 0]), 2)
   assert float(m["lm_loss"]) == pytest.approx(math.log(4), abs=1e-6)
   assert float(m["mc_loss"]) == pytest.approx(math.log(2), abs=1e-6)
   assert float(m["unlikely_loss"]) == pytest.approx(-math.log(0.76), abs=1e-6)
   assert float(loss) == pytest.approx(math.log(4) + math.log(2) - math.log(0.76), abs=1e-6)
   # Without length normalisation the 3-token wrong choice scores 3 log 4 against 2 log 4:
   # MC = -log(4^-2 / (4^-2 + 4^-3)) = log(1 + 1/4).
-  _, m = models.tfew_losses(logits, targets, weights, jnp.array([1, 0]), 2, length_norm=0.0)
+  _, m = tfew_losses(logits, targets, weights, jnp.array([1, 0]), 2, length_norm=0.0)
   assert float(m["mc_loss"]) == pytest.approx(math.log(1.25), abs=1e-6)
 
 
@@ -75,7 +80,7 @@ def test_matches_numpy_reference_with_padded_choice():
   for b, c in enumerate(gold_choice):
     is_correct[b * n_choices + c] = 1
   for norm in (1.0, 0.5):
-    loss, m = models.tfew_losses(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights),
+    loss, m = tfew_losses(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights),
                                  jnp.asarray(is_correct), n_choices, length_norm=norm,
                                  mc_weight=0.5, unlikely_weight=2.0)
     lm, mc, ul = _numpy_tfew(logits, targets, weights, gold_choice, n_choices, norm)
@@ -92,7 +97,7 @@ def test_authors_unlikelihood_differs_by_a_constant():
   targets = np.array([[2, 3, 1], [4, 1, 0], [2, 1, 0], [3, 3, 1]])
   weights = (targets > 0).astype(np.float32)
   is_correct = np.array([1, 0, 0, 1])
-  _, m = models.tfew_losses(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights),
+  _, m = tfew_losses(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights),
                             jnp.asarray(is_correct), 2)
   logp = np.take_along_axis(_log_softmax(logits.astype(np.float64)), targets[..., None], -1)[..., 0]
   cand = np.where(weights > 0, logp, 0.0) + (weights == 0) * -100.0
@@ -104,7 +109,7 @@ def test_authors_unlikelihood_differs_by_a_constant():
 
 
 def test_loss_fn_encodes_once_per_example():
-  cfg = network.preset("tiny", vocab_size=32, dropout_rate=0.0)
+  cfg = network.preset("tiny", vocab_size=32, dropout_rate=0.0, num_layers=1)
   model = network.T5(cfg, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(2)
   n_choices = 3
@@ -115,10 +120,16 @@ def test_loss_fn_encodes_once_per_example():
            "decoder_target_tokens": jnp.asarray(targets, jnp.int32),
            "decoder_input_tokens": models.shift_right(jnp.asarray(targets, jnp.int32)),
            "is_correct": jnp.array([0, 1, 0, 0, 0, 1])}
-  got, _ = models.tfew_loss_fn(model, batch, n_choices, deterministic=True)
-  logits = models.forward(model, batch, deterministic=True)
-  want, _ = models.tfew_losses(logits, batch["decoder_target_tokens"], models.loss_weights(batch),
-                               batch["is_correct"], n_choices)
+
+  @nnx.jit
+  def both(model, batch):  # one compiled program: op-by-op dispatch is slower on CPU
+    got, _ = models.tfew_loss_fn(model, batch, n_choices, deterministic=True)
+    logits = models.forward(model, batch, deterministic=True)
+    want, _ = models.tfew_losses(logits, batch["decoder_target_tokens"],
+                                 models.loss_weights(batch), batch["is_correct"], n_choices)
+    return got, want
+
+  got, want = both(model, batch)
   assert float(got) == pytest.approx(float(want), rel=1e-5)
 
 
