@@ -12,13 +12,25 @@ the earlier steps untouched and the half-written one invisible):
 
 Only the trainable part is saved: the frozen backbone is named by ``backbone`` (a path) and
 loaded from there.
+
+Each step directory also holds ``mhr_manifest.json``, the size of every file the save wrote
+(``checkpoint_integrity``); ``restore_latest`` resumes from the newest step that is committed and
+matches it, names every newer damaged step and moves it aside, and refuses to start from step 0
+when steps exist but none is intact.
+
+Multi-process runs: every process calls the same methods; orbax writes each array shard from the
+process that holds it, the JSON items and the manifest from process 0 only, and commits once,
+after every process has finished writing. All processes check the checkpoint folder themselves
+(it must be one shared file system) and confirm they chose the same step before restoring.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import logging
+import os
+import sys
+import zlib
 from typing import Any, Optional
 
 import jax
@@ -26,12 +38,28 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-FORMAT_VERSION = 1
+from mhr_jax import checkpoint_integrity as integrity
+
+FORMAT_VERSION = 2  # 2: every step carries a file manifest (checkpoint_integrity)
 TRAINABLE, OPT_STATE, METADATA, TASK_TABLE = "trainable", "opt_state", "metadata", "task_table"
 
+log = logging.getLogger("mhr_jax.checkpoints")
 
-class CheckpointMismatchError(ValueError):
+
+class CheckpointError(Exception):
+  """A checkpoint cannot be used as asked; the message says which one and what to do."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
   """A checkpoint does not fit the configured run; the message lists every difference."""
+
+
+class CheckpointDamagedError(CheckpointError):
+  """Checkpoints exist but none can be read; the message names each damaged step folder."""
+
+
+class CheckpointDisagreementError(CheckpointError):
+  """The processes of a run see different checkpoints (the folder is not one shared file system)."""
 
 
 def _path_str(path) -> str:
@@ -144,9 +172,14 @@ class CheckpointManager:
 
   def __init__(self, directory: str, *, max_to_keep: Optional[int] = 3,
                save_interval_steps: int = 1, async_save: bool = True):
+    # orbax runs the manifest hook only on its asynchronous path: a synchronous manager saves
+    # asynchronously and waits at once.
+    self._async = async_save
+    self._saving_step: Optional[int] = None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+        enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifest))
     # orbax wants absolute paths; remote paths (gs://...) are absolute already.
     directory = os.fspath(directory)
     if "://" not in directory:
@@ -162,6 +195,12 @@ class CheckpointManager:
         },
         options=options)
 
+  def _write_manifest(self) -> None:
+    """orbax's post-finalization hook: on the primary process, after every process has written
+    its files and before the rename that commits the step."""
+    step_dir = integrity.pending_directory(self.directory, self._saving_step)
+    integrity.write_manifest(step_dir, self._saving_step)
+
   def save(self, step: int, trainable: Any, opt_state: Any, *, data_position: Any,
            metadata: dict, force: bool = False) -> bool:
     """Starts saving step ``step``; returns whether a save was started (see save_interval).
@@ -170,9 +209,11 @@ class CheckpointManager:
     it and comes back from ``restore`` so the data pipeline can resume where it was.
     """
     metadata = dict(metadata, data_position=data_position, step=int(step),
-                    trainable_shapes=param_shapes(trainable))
+                    trainable_shapes=param_shapes(trainable), format_version=FORMAT_VERSION)
     pure = trainable.to_pure_dict() if isinstance(trainable, nnx.State) else trainable
-    return self._manager.save(
+    self._manager.wait_until_finished()  # the manifest hook reads _saving_step
+    self._saving_step = int(step)
+    started = self._manager.save(
         step,
         args=ocp.args.Composite(**{
             TRAINABLE: ocp.args.PyTreeSave(pure),
@@ -181,6 +222,9 @@ class CheckpointManager:
             TASK_TABLE: ocp.args.JsonSave(metadata["task_table"]),
         }),
         force=force)
+    if not self._async:
+      self._manager.wait_until_finished()
+    return started
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -189,7 +233,7 @@ class CheckpointManager:
     self._manager.close()
 
   def latest_step(self) -> Optional[int]:
-    """The newest fully written step, or None."""
+    """The newest committed step, or None (``restore_latest`` also checks it is intact)."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
@@ -237,6 +281,50 @@ class CheckpointManager:
       trainable = tr_target
     return trainable, restored[OPT_STATE], saved
 
+  def restore_latest(self, abstract_trainable: Any, abstract_opt_state: Any, *,
+                     expected: Optional[dict] = None) -> Optional[tuple[Any, Any, dict]]:
+    """Resumes a run: restores the newest intact step, or returns None when nothing was saved.
+
+    Steps newer than the one restored that fail ``checkpoint_integrity.problems`` (an unfinished
+    commit, a truncated or missing file, unreadable JSON) are named and moved to the sibling
+    ``<directory>_damaged`` folder, so that later saves and ``max_to_keep`` never meet them.
+    Arguments and return value as ``restore`` (the saved metadata has ``step``).
+
+    Raises:
+      CheckpointDamagedError: steps exist but none is intact (nothing is moved or deleted), or
+        the chosen step fails to read.
+      CheckpointDisagreementError: the processes of the run found different steps.
+      CheckpointMismatchError: the step does not fit ``expected``.
+    """
+    step, damaged = integrity.newest_intact(self.directory)
+    _check_processes_agree(self.directory, step, damaged)
+    if damaged and step is None:
+      raise CheckpointDamagedError(
+          f"no intact checkpoint in {self.directory}:\n  "
+          + "\n  ".join(d.describe() for d in damaged)
+          + f"\nNothing was moved or deleted. To start again from step 0, remove or move away "
+          f"{self.directory}; to keep trying, restore the damaged files first.")
+    if damaged:
+      moved = integrity.move_aside(self.directory, damaged) if jax.process_index() == 0 else []
+      _sync_processes("mhr_jax.checkpoints.move_aside")
+      self._manager.reload()
+      _tell("damaged checkpoint" + ("s" if len(damaged) > 1 else "") + " skipped:\n  "
+            + "\n  ".join(d.describe() for d in damaged)
+            + f"\nmoved to {', '.join(moved)}; resuming from step {step}, the newest intact one")
+    if step is None:
+      return None
+    try:
+      restored = self.restore(step, abstract_trainable, abstract_opt_state, expected=expected)
+    except CheckpointError:
+      raise
+    except Exception as e:  # damage that leaves the sizes intact (flipped bytes)
+      raise CheckpointDamagedError(
+          f"checkpoint step {step} ({os.path.join(self.directory, str(step))}) cannot be read: "
+          f"{type(e).__name__}: {e}\nMove that folder out of {self.directory} to resume from "
+          f"the step before it.") from e
+    _tell(f"resuming from step {step} of {self.directory}")
+    return restored
+
   def restore_partial(self, step: int, trainable: nnx.State
                       ) -> tuple[nnx.State, PartialRestoreReport]:
     """Loads the saved parameters that fit ``trainable`` (same path and shape) into a copy of it.
@@ -275,6 +363,45 @@ class CheckpointManager:
     return new, report
 
 
+def _tell(message: str) -> None:
+  """A line for the person running the job (process 0 prints it; every process logs it)."""
+  log.info(message)
+  if jax.process_index() == 0:
+    print(f"checkpoints: {message}", file=sys.stderr, flush=True)
+
+
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _check_processes_agree(directory: str, step: Optional[int],
+                           damaged: list[integrity.DamagedStep]) -> None:
+  """Raises ``CheckpointDisagreementError`` unless every process found the same steps.
+
+  Every process examines the folder itself; a process that sees other files (a folder that is
+  not one shared file system, or one still being copied) would otherwise restore another step
+  than its peers, or wait for them in a collective that never comes.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+
+  damaged_steps = ",".join(str(d.step) for d in damaged).encode()
+  mine = np.array([-1 if step is None else step, zlib.crc32(damaged_steps) & 0x7FFFFFFF],
+                  np.int32)
+  everyone = np.asarray(multihost_utils.process_allgather(mine))  # [processes, 2]
+  if not (everyone == everyone[0]).all():
+    seen = ", ".join(f"process {i}: step {int(v[0]) if v[0] >= 0 else None}"
+                     for i, v in enumerate(everyone))
+    raise CheckpointDisagreementError(
+        f"the processes found different checkpoints in {directory} ({seen}; this process "
+        f"found damaged steps [{damaged_steps.decode()}]): every process must see the same "
+        f"checkpoint folder, on one shared file system")
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading another run's checkpoints (fine-tuning from pre-training, a backbone from a full run).
 
@@ -283,16 +410,19 @@ def _run_manager(run_dir) -> tuple[CheckpointManager, int]:
   directory = os.path.join(os.fspath(run_dir), "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoints directory in run {run_dir} (looked for {directory})")
-  manager = CheckpointManager(directory, async_save=False)
-  step = manager.latest_step()
+  step, damaged = integrity.newest_intact(directory)
   if step is None:
-    manager.close()
-    raise FileNotFoundError(f"no finished checkpoint in {directory}")
-  return manager, step
+    detail = "".join(f"\n  {d.describe()}" for d in damaged)
+    raise (CheckpointDamagedError if damaged else FileNotFoundError)(
+        f"no intact checkpoint in {directory}{detail}")
+  if damaged:
+    _tell(f"reading step {step} of {directory}; newer steps are damaged:"
+          + "".join(f"\n  {d.describe()}" for d in damaged))
+  return CheckpointManager(directory, async_save=False), step
 
 
 def read_metadata(run_dir) -> dict:
-  """The latest checkpoint's metadata of a run directory, with ``path`` set to the directory
+  """The newest intact checkpoint's metadata of a run directory, with ``path`` set to the directory
   and ``task_names`` listing its tasks in id order."""
   manager, step = _run_manager(run_dir)
   try:

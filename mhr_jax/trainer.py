@@ -400,11 +400,11 @@ def run(
   ckpt = checkpoints.CheckpointManager(str(model_dir / "checkpoints"),
                                        max_to_keep=train_config.keep_checkpoints)
   start = 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    trainable, opt_state, saved = ckpt.restore(latest, trainable, opt_state, expected=metadata)
-    start = int(saved["data_position"]) if saved.get("data_position") is not None else latest
-    log.info("resumed %s at step %d", model_dir, start)
+  resumed = ckpt.restore_latest(trainable, opt_state, expected=metadata)
+  if resumed is not None:
+    trainable, opt_state, saved = resumed
+    start = (int(saved["data_position"]) if saved.get("data_position") is not None
+             else int(saved["step"]))
   elif kind == "eval":
     raise FileNotFoundError(f"kind 'eval' needs a checkpoint in {model_dir / 'checkpoints'}")
 
@@ -449,7 +449,8 @@ def run(
   train_seconds = time.perf_counter() - t_start
 
   # 7. Finish: evaluate and write results.
-  results = {"kind": kind, "mode": mode, "steps": step, "final_loss": last_loss,
+  results = {"kind": kind, "mode": mode, "steps": step, "resumed_from": start,
+             "final_loss": last_loss,
              "train_seconds": train_seconds, "parameters": counts, "eval": {}}
   if data_config.eval_tasks or train_config.vmap_tasks:
     results["eval"] = _evaluate_copies(graphdef, trainable, frozen, copies, data_config,

@@ -140,3 +140,95 @@ def test_restore_partial_reports_what_it_loaded(tmp_path):
   np.testing.assert_array_equal(loaded["kernel"][...], pre["kernel"][...])
   np.testing.assert_array_equal(loaded["router"][...], target["router"][...])
   assert loaded["kernel"][...].sharding == target["kernel"][...].sharding
+
+
+# Damaged checkpoints: named, skipped for the newest intact one, never a silent restart.
+
+
+def _files(root):
+  """{relative path: size} of every file under root."""
+  return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))
+          if p.is_file()}
+
+
+def _truncate_array_file(step_dir):
+  biggest = max((p for p in (step_dir / "trainable").rglob("*") if p.is_file()),
+                key=lambda p: p.stat().st_size)
+  biggest.write_bytes(biggest.read_bytes()[:10])
+  return str(biggest.relative_to(step_dir)), "bytes"
+
+
+def _truncate_json(step_dir):
+  path = step_dir / "metadata" / "metadata"
+  path.write_text(path.read_text()[:40])
+  return "metadata/metadata", "not valid JSON"
+
+
+def _drop_commit_marker(step_dir):
+  (step_dir / "commit_success.txt").unlink()
+  return "commit_success.txt", "no commit marker"
+
+
+@pytest.mark.parametrize("damage", [_truncate_array_file, _truncate_json, _drop_commit_marker])
+def test_damaged_newest_step_is_named_and_the_older_one_restored(tmp_path, capsys, damage):
+  _, _, trainable, opt_state, _ = sharded_state((8, 1))
+  meta = metadata_for(trainable)
+  directory = tmp_path / "checkpoints"
+  mgr = CheckpointManager(str(directory), async_save=False)
+  for step in (1, 2, 3):
+    mgr.save(step, jax.tree.map(lambda x, s=step: x + s, trainable), opt_state,
+             data_position=step, metadata=meta)
+  mgr.close()
+  name, why = damage(directory / "3")
+  damaged_files = _files(directory / "3")
+
+  mgr = CheckpointManager(str(directory))
+  mesh, rules = sharding.make_mesh(sharding.MeshConfig(8, 1)), sharding.logical_rules("fsdp_tp")
+  restored, _, saved = mgr.restore_latest(
+      abstract(trainable, mesh, rules), abstract(opt_state, mesh, rules), expected=meta)
+  assert saved["step"] == 2 and saved["data_position"] == 2
+  jax.tree.map(np.testing.assert_array_equal, pure(restored),
+               pure(jax.tree.map(lambda x: x + 2, trainable)))
+  err = capsys.readouterr().err
+  assert f"step 3 ({directory / '3'})" in err and name in err and why in err
+  assert "resuming from step 2" in err
+  # Moved aside whole, not deleted; orbax no longer lists it, so step 3 can be saved again.
+  aside = tmp_path / "checkpoints_damaged" / "3"
+  assert _files(aside) == damaged_files
+  assert mgr.all_steps() == [1, 2]
+  mgr.save(3, trainable, opt_state, data_position=3, metadata=meta)
+  mgr.wait_until_finished()
+  assert mgr.all_steps() == [1, 2, 3]
+  assert checkpoints.integrity.problems(directory / "3") == []
+
+
+def test_no_intact_step_stops_and_names_the_folder(tmp_path):
+  _, _, trainable, opt_state, _ = sharded_state((8, 1))
+  meta = metadata_for(trainable)
+  directory = tmp_path / "checkpoints"
+  mgr = CheckpointManager(str(directory), async_save=False)
+  mgr.save(1, trainable, opt_state, data_position=1, metadata=meta)
+  mgr.save(2, trainable, opt_state, data_position=2, metadata=meta)
+  mgr.close()
+  _truncate_json(directory / "1")
+  _truncate_array_file(directory / "2")
+  before = _files(tmp_path)
+  mgr = CheckpointManager(str(directory))
+  mesh, rules = sharding.make_mesh(sharding.MeshConfig(8, 1)), sharding.logical_rules("fsdp_tp")
+  with pytest.raises(checkpoints.CheckpointDamagedError) as err:
+    mgr.restore_latest(abstract(trainable, mesh, rules), abstract(opt_state, mesh, rules),
+                       expected=meta)
+  msg = str(err.value)
+  assert f"no intact checkpoint in {directory}" in msg
+  assert f"step 2 ({directory / '2'})" in msg and f"step 1 ({directory / '1'})" in msg
+  assert "metadata/metadata is not valid JSON" in msg and "Nothing was moved or deleted" in msg
+  assert _files(tmp_path) == before
+  assert isinstance(err.value, checkpoints.CheckpointError)
+
+
+def test_restore_latest_of_an_empty_folder_is_none(tmp_path):
+  _, _, trainable, opt_state, _ = sharded_state((8, 1))
+  mesh, rules = sharding.make_mesh(sharding.MeshConfig(8, 1)), sharding.logical_rules("fsdp_tp")
+  mgr = CheckpointManager(str(tmp_path / "checkpoints"))
+  assert mgr.restore_latest(abstract(trainable, mesh, rules),
+                            abstract(opt_state, mesh, rules)) is None
