@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,12 +84,44 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
   assert all(np.isfinite(v).all() for v in params.values())
 
 
-def test_mismatched_checkpoint_is_named(tmp_path):
-  _run(tmp_path / "run", mode="poly", steps=1)
+@pytest.fixture(scope="module")
+def poly_run(tmp_path_factory):
+  """A finished 2-step poly run with checkpoints at steps 1 and 2 (tests work on copies)."""
+  run_dir = tmp_path_factory.mktemp("poly") / "run"
+  _run(run_dir, mode="poly", steps=2)
+  return run_dir
+
+
+def test_mismatched_checkpoint_is_named(tmp_path, poly_run):
+  shutil.copytree(poly_run, tmp_path / "run")
   with pytest.raises(checkpoints.CheckpointMismatchError, match="mode: checkpoint 'poly', config 'mhr'"):
     _run(tmp_path / "run", mode="mhr", steps=2)
   with pytest.raises(checkpoints.CheckpointMismatchError, match="task 'synthetic_primitive"):
     _run(tmp_path / "run", mode="poly", mixture="synthetic_primitives", steps=2)
+
+
+def test_damaged_newest_checkpoint_resumes_from_the_older_one(tmp_path, capsys, poly_run):
+  run_dir = tmp_path / "run"
+  shutil.copytree(poly_run, run_dir)
+  ckpts = run_dir / "checkpoints"
+  data_file = max((p for p in (ckpts / "2" / "trainable").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+  data_file.write_bytes(data_file.read_bytes()[:7])
+  capsys.readouterr()
+  # The run resumes from step 1 (1 step to go: asking for 1 step skips compiling it).
+  res = _run(run_dir, mode="poly", steps=1)
+  assert res["resumed_from"] == 1 and res["steps"] == 1
+  err = capsys.readouterr().err
+  assert f"step 2 ({ckpts / '2'})" in err and "has 7 bytes" in err
+  assert "resuming from step 1" in err
+  assert (run_dir / "checkpoints_damaged" / "2").is_dir()
+  # Nothing intact: the run stops naming the folder, and deletes nothing.
+  meta = ckpts / "1" / "metadata" / "metadata"
+  meta.write_text(meta.read_text()[:20])
+  before = sorted(p for p in run_dir.rglob("*"))
+  with pytest.raises(checkpoints.CheckpointDamagedError, match=f"no intact checkpoint in {ckpts}"):
+    _run(run_dir, mode="poly", steps=2)
+  assert sorted(p for p in run_dir.rglob("*")) == before
 
 
 def test_finetune_modes_need_a_parent(tmp_path):
