@@ -17,7 +17,9 @@ task's routing.
 Data position. Training iteration is deterministic for a given seed (tf.data shuffles and the
 mixture sampler are seeded and run deterministically), so the position saved in a checkpoint is
 simply the number of batches consumed; `BatchIterator` resumes by skipping that many batches, which
-gives exactly the batches an uninterrupted run would have seen.
+gives exactly the batches an uninterrupted run would have seen. In training, `HostBatches` gives
+each process its rows of the global batch from fixed data shards, so the global batches do not
+depend on the number of processes.
 
 Rank classification (T0 evaluation and T-Few losses) uses a second batch form, where every example
 is repeated once per answer choice, see `rank_classification_batches`.
@@ -308,6 +310,54 @@ class BatchIterator:
     batch = _finish(next(self._it), self.table)
     self.position += 1
     return batch
+
+
+class HostBatches:
+  """This process's rows of every global training batch, resumable from a batch count.
+
+  The training data is split into ``data_shards`` seqio shards; global batch ``i`` is batch ``i``
+  of shard 0, then of shard 1, and so on, ``global_batch_size / data_shards`` rows each. A process
+  reads the shards that fall in its ``rows`` of the global batch and concatenates them. The global
+  batches therefore depend on ``data_shards``, never on how many processes read them: a run
+  resumed after a preemption, on the same or on another number of hosts, and a 1-process run
+  with the same ``data_shards``, all see the same batches. Each shard skips ``start_batch``
+  batches on resume (the saved data position).
+
+  Args:
+    name, table, feature_lengths, seed: as `BatchIterator`.
+    global_batch_size: rows of a global batch.
+    rows: the rows of the global batch this process holds (``sharding.host_batch_rows``).
+    data_shards: shards the data is split into; they must tile ``rows`` exactly.
+    start_batch: global batches already consumed.
+  """
+
+  def __init__(self, name: str, table: TaskIdTable, feature_lengths: Mapping[str, int],
+               global_batch_size: int, *, rows: slice, data_shards: int, seed: int = 0,
+               start_batch: int = 0):
+    if data_shards < 1 or global_batch_size % data_shards:
+      raise ValueError(f"data_shards={data_shards} must divide the global batch size "
+                       f"{global_batch_size}")
+    per_shard = global_batch_size // data_shards
+    if rows.start % per_shard or rows.stop % per_shard:
+      raise ValueError(
+        f"this process holds rows [{rows.start}, {rows.stop}) of each batch of "
+        f"{global_batch_size}, which {data_shards} data shards of {per_shard} rows do not tile: "
+        f"make data_shards a multiple of the number of processes")
+    self.shards = tuple(range(rows.start // per_shard, rows.stop // per_shard))
+    self._iters = [BatchIterator(name, table, feature_lengths, per_shard, seed=seed,
+                                 start_batch=start_batch, shard_index=i, num_shards=data_shards)
+                   for i in self.shards]
+    self.position = start_batch
+
+  def __iter__(self) -> "HostBatches":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(it) for it in self._iters]
+    self.position += 1
+    if len(parts) == 1:
+      return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # [rows, ...]
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:

@@ -92,6 +92,8 @@ class DataConfig:
     t0_data_dir: registers the T0 held-out tasks from this folder (``tasks.t0.register_t0``).
     super_ni_dir: registers Super-NaturalInstructions from this folder
       (``tasks.super_ni.register_super_ni``).
+    data_shards: shards the training data is split into (None: one per process). The global
+      batches depend on it, not on the number of processes (``data.HostBatches``).
   """
 
   mixture: str = gin.REQUIRED
@@ -105,6 +107,7 @@ class DataConfig:
   eval_num_beams: int = 1
   t0_data_dir: Optional[str] = None
   super_ni_dir: Optional[str] = None
+  data_shards: Optional[int] = None
 
   def register(self) -> None:
     """Registers the collections that read local files (idempotent)."""
@@ -409,10 +412,10 @@ def run(
     raise FileNotFoundError(f"kind 'eval' needs a checkpoint in {model_dir / 'checkpoints'}")
 
   # 6. Loop.
-  iters = [data.BatchIterator(name, tbl, data_config.feature_lengths,
-                              data_config.batch_size // jax.process_count(),
-                              seed=train_config.seed, start_batch=start,
-                              shard_index=jax.process_index(), num_shards=jax.process_count())
+  iters = [data.HostBatches(name, tbl, data_config.feature_lengths, data_config.batch_size,
+                            rows=sharding.host_batch_rows(mesh, data_config.batch_size),
+                            data_shards=data_config.data_shards or jax.process_count(),
+                            seed=train_config.seed, start_batch=start)
            for name, tbl in copies] if kind != "eval" else []
   reporter = reporting.Reporter(model_dir, train_config.steps, start_step=start,
                                 enabled=jax.process_index() == 0,

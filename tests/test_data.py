@@ -134,6 +134,27 @@ def test_host_shards_partition_the_data(tiny):
   assert sorted(rows[0] + rows[1]) == sorted(whole)
 
 
+def test_global_batches_depend_on_data_shards_not_on_processes(tiny):
+  """Two processes' halves, and one process reading both shards, give the same global batches,
+  also resumed from a position."""
+  table = data.TaskIdTable.from_mixture("tiny_pretrain")
+  kw = dict(seed=5, data_shards=2)
+  one = data.HostBatches("tiny_pretrain", table, LENGTHS, 8, rows=slice(0, 8), **kw)
+  halves = [data.HostBatches("tiny_pretrain", table, LENGTHS, 8, rows=slice(4 * p, 4 * p + 4),
+                             start_batch=2, **kw) for p in range(2)]
+  assert one.shards == (0, 1) and [h.shards for h in halves] == [(0,), (1,)]
+  batches = [next(one) for _ in range(4)]
+  for expected in batches[2:]:
+    got = [next(h) for h in halves]
+    for k in data.BATCH_KEYS:
+      np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), expected[k])
+  # A shard's rows are not the other shard's (the halves are distinct data).
+  assert not np.array_equal(batches[0]["encoder_input_tokens"][:4],
+                            batches[0]["encoder_input_tokens"][4:])
+  with pytest.raises(ValueError, match="do not tile"):
+    data.HostBatches("tiny_pretrain", table, LENGTHS, 8, rows=slice(0, 4), seed=0, data_shards=1)
+
+
 def test_iterator_refuses_tasks_outside_the_table(tiny):
   with pytest.raises(KeyError, match="tiny_heldout_001_v1"):
     data.BatchIterator("tiny_heldout", data.TaskIdTable(("tiny_heldout_000_v1",)), LENGTHS, 2)
