@@ -17,6 +17,10 @@ import contextvars
 import dataclasses
 import functools
 import logging
+import os
+import sys
+import threading
+import traceback
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import jax
@@ -258,25 +262,104 @@ def init_sharded(build_fn: Callable[[], nnx.Module], mesh: Mesh, rules: Rules, *
   return nnx.merge(graphdef, build_state())
 
 
+TIMEOUT_ENV = "MHR_DISTRIBUTED_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300
+PEERS_UNREACHABLE_EXIT = 75  # EX_TEMPFAIL: start every process again
+
+
+def distributed_timeout(timeout_s: Optional[float] = None) -> int:
+  """Seconds a process waits for its peers: ``timeout_s``, else ``$MHR_DISTRIBUTED_TIMEOUT``,
+  else 300."""
+  value = timeout_s if timeout_s is not None else os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+  try:
+    seconds = int(float(value))
+  except ValueError:
+    raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds; got {value!r}") from None
+  if seconds <= 0:
+    raise ValueError(f"the distributed timeout must be positive; got {seconds} s")
+  return seconds
+
+
+@contextlib.contextmanager
+def _exit_unless_done_within(seconds: int, message: str) -> Iterator[None]:
+  """Ends the process with ``message`` if the block has not finished after ``seconds``.
+
+  ``jax.distributed.initialize`` waits in C++ for every peer and, at its own deadline, aborts the
+  process with a check failure that names neither the coordinator nor the setting to change.
+  """
+  def give_up():
+    print(message, file=sys.stderr, flush=True)
+    os._exit(PEERS_UNREACHABLE_EXIT)
+
+  timer = threading.Timer(seconds, give_up)
+  timer.daemon = True
+  timer.start()
+  try:
+    yield
+  finally:
+    timer.cancel()
+
+
 def maybe_initialize_distributed(
     coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
     process_id: Optional[int] = None, local_device_ids: Optional[Sequence[int]] = None,
+    *, timeout_s: Optional[float] = None,
 ) -> bool:
   """Connects the processes of a multi-host run; returns whether it did.
 
   With no ``coordinator_address`` this is a single-process run and nothing happens (on Cloud
   TPU, call ``jax.distributed.initialize()`` without arguments instead: it reads the topology).
   Must run before any other JAX call touches the devices.
+
+  A process whose peers have not all connected within ``distributed_timeout(timeout_s)`` seconds
+  exits with status ``PEERS_UNREACHABLE_EXIT`` and a message naming the coordinator, instead of
+  waiting forever. Once connected, a peer that stops sending heartbeats for that long (at most
+  100 s, jax's default) makes jax end the other processes, so a run that lost a host stops and
+  can be restarted from its last checkpoint.
   """
   if not coordinator_address:
     return False
-  jax.distributed.initialize(
-      coordinator_address=coordinator_address, num_processes=num_processes,
-      process_id=process_id, local_device_ids=local_device_ids)
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  timeout_s = distributed_timeout(timeout_s)
+  message = (
+      f"process {process_id} of {num_processes}: the run's processes did not all reach the "
+      f"coordinator {coordinator_address} within {timeout_s} s ({TIMEOUT_ENV} or "
+      f"--distributed_timeout). Start all {num_processes} processes with the same "
+      f"--coordinator_address, and check that {coordinator_address} is reachable from every host.")
+  with _exit_unless_done_within(timeout_s, message):
+    # jax's own deadline comes later: it is only the backstop for the message above.
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes,
+        process_id=process_id, local_device_ids=local_device_ids,
+        initialization_timeout=timeout_s + 60, heartbeat_timeout_seconds=min(timeout_s, 100))
+    # The first device query exchanges every process's devices: it waits for the peers too.
+    logging.info("jax.distributed: process %d of %d through %s, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), coordinator_address,
+                 jax.local_device_count(), jax.device_count())
   return True
+
+
+@contextlib.contextmanager
+def exit_when_peers_are_lost(coordinator_address: Optional[str]) -> Iterator[None]:
+  """In a multi-process run, turns a failed collective (a peer died: gloo or NCCL reports a
+  reset connection, the coordination service a missing task) into a message naming the
+  coordinator and exit status ``PEERS_UNREACHABLE_EXIT``.
+
+  The process exits at once: a normal exit would first wait at jax's shutdown barrier for the
+  dead peer and then abort with a check failure. An asynchronous checkpoint save still in
+  flight is abandoned; it was never committed, so the next start ignores it.
+  """
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    traceback.print_exc()
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"process {jax.process_index()} of {jax.process_count()}: lost contact with the other "
+          f"processes of the run (coordinator {coordinator_address}): {first}\nRestart all "
+          f"{jax.process_count()} processes; the run resumes from its newest intact checkpoint.",
+          file=sys.stderr, flush=True)
+    os._exit(PEERS_UNREACHABLE_EXIT)
 
 
 def host_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:

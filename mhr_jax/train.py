@@ -5,7 +5,9 @@ Flags as in t5x: ``--gin_file`` (repeatable, applied in order, later files overr
 before ``gin_configs/``, the repository root and, last, the working directory), ``--gin.NAME=VALUE`` (one binding each, applied after the files),
 ``--dry_run`` (parse, print the operative configuration, exit). Multi-host runs call
 ``jax.distributed.initialize`` when ``--coordinator_address`` (or ``MHR_COORDINATOR_ADDRESS``)
-is given (``--distributed=auto`` on TPU pods). What runs is ``main.entry``: ``@trainer.run`` for one run, or an experiment's pipeline.
+is given (``--distributed=auto`` on TPU pods); ``--distributed_timeout`` (or
+``MHR_DISTRIBUTED_TIMEOUT``, seconds) bounds the wait for the other processes. What runs is
+``main.entry``: ``@trainer.run`` for one run, or an experiment's pipeline.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--process_id", type=int,
                       default=int(os.environ["MHR_PROCESS_ID"]) if "MHR_PROCESS_ID" in os.environ
                       else None)
+  parser.add_argument("--distributed_timeout", type=float, default=None,
+                      help="seconds to wait for the other processes before exiting with a message "
+                           "(default: $MHR_DISTRIBUTED_TIMEOUT, else 300)")
   args, rest = parser.parse_known_args(argv)
   args.gin_bindings = []
   for item in rest:
@@ -116,19 +121,21 @@ def main_entry(entry=gin.REQUIRED, dry_run: bool = False):
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_flags(sys.argv[1:] if argv is None else argv)
+  from mhr_jax import sharding
+
   if args.distributed == "auto":
     import jax
 
     jax.distributed.initialize()
   else:
-    from mhr_jax import sharding
-
     sharding.maybe_initialize_distributed(
-        args.coordinator_address, args.num_processes, args.process_id)
+        args.coordinator_address, args.num_processes, args.process_id,
+        timeout_s=args.distributed_timeout)
   parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
   if args.dry_run:
     print(gin.config_str())
-  main_entry(dry_run=args.dry_run)
+  with sharding.exit_when_peers_are_lost(args.coordinator_address or "auto-detected"):
+    main_entry(dry_run=args.dry_run)
   return 0
 
 
