@@ -39,27 +39,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from mhr_jax import checkpoint_integrity as integrity
+from mhr_jax import errors
+from mhr_jax.errors import (CheckpointDamagedError, CheckpointDisagreementError, CheckpointError,
+                            CheckpointMismatchError)
 
 FORMAT_VERSION = 2  # 2: every step carries a file manifest (checkpoint_integrity)
 TRAINABLE, OPT_STATE, METADATA, TASK_TABLE = "trainable", "opt_state", "metadata", "task_table"
 
 log = logging.getLogger("mhr_jax.checkpoints")
-
-
-class CheckpointError(Exception):
-  """A checkpoint cannot be used as asked; the message says which one and what to do."""
-
-
-class CheckpointMismatchError(CheckpointError, ValueError):
-  """A checkpoint does not fit the configured run; the message lists every difference."""
-
-
-class CheckpointDamagedError(CheckpointError):
-  """Checkpoints exist but none can be read; the message names each damaged step folder."""
-
-
-class CheckpointDisagreementError(CheckpointError):
-  """The processes of a run see different checkpoints (the folder is not one shared file system)."""
 
 
 def _path_str(path) -> str:
@@ -409,11 +396,12 @@ def _check_processes_agree(directory: str, step: Optional[int],
 def _run_manager(run_dir) -> tuple[CheckpointManager, int]:
   directory = os.path.join(os.fspath(run_dir), "checkpoints")
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints directory in run {run_dir} (looked for {directory})")
+    raise errors.MissingFileError(
+        f"no checkpoints directory in run {run_dir} (looked for {directory})")
   step, damaged = integrity.newest_intact(directory)
   if step is None:
     detail = "".join(f"\n  {d.describe()}" for d in damaged)
-    raise (CheckpointDamagedError if damaged else FileNotFoundError)(
+    raise (CheckpointDamagedError if damaged else errors.MissingFileError)(
         f"no intact checkpoint in {directory}{detail}")
   if damaged:
     _tell(f"reading step {step} of {directory}; newer steps are damaged:"

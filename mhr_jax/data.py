@@ -36,6 +36,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from mhr_jax import errors
+
 TASK_NAME = "task_name"
 BATCH_KEYS = (
   "encoder_input_tokens",
@@ -170,7 +172,7 @@ def get_provider(name: str) -> seqio.DatasetProviderBase:
     return seqio.MixtureRegistry.get(name)
   if name in seqio.TaskRegistry.names():
     return seqio.TaskRegistry.get(name)
-  raise ValueError(
+  raise errors.DataError(
     f"No seqio task or mixture named {name!r}. Mixtures: {sorted(seqio.MixtureRegistry.names())}; "
     f"tasks: {sorted(seqio.TaskRegistry.names())}"
   )

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mhr_jax import errors
+from mhr_jax.errors import CheckpointMismatchError
 from mhr_jax.layers import AdapterFactory
 from mhr_jax.network import T5, T5Config
 
@@ -26,10 +28,6 @@ _CONFIG_FIELDS = (
 
 # Tensors that a checkpoint may carry as copies of ``shared.weight``.
 _EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint does not fit the model: lists every missing, unexpected or mis-shaped tensor."""
 
 
 def config_from_hf(hf: Mapping, **overrides) -> T5Config:
@@ -43,7 +41,8 @@ def config_from_hf(hf: Mapping, **overrides) -> T5Config:
   if ffp == "gated-gelu" or ffp == "gated-gelu_new":
     kwargs["feed_forward_proj"] = "gated-gelu"
   elif ffp != "relu":
-    raise ValueError(f"unsupported feed_forward_proj {ffp!r} in T5 config (relu, gated-gelu)")
+    raise errors.CheckpointError(
+        f"unsupported feed_forward_proj {ffp!r} in T5 config (relu, gated-gelu)")
   tied = bool(hf.get("tie_word_embeddings", True))
   kwargs["tie_word_embeddings"] = tied
   kwargs["scale_decoder_outputs"] = bool(hf.get("scale_decoder_outputs", tied))
@@ -107,18 +106,19 @@ def read_safetensors_dir(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     try:
       weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError) as e:
-      raise ValueError(f"{index}: not a safetensors index (need a 'weight_map'): {e}") from e
+      raise errors.CheckpointError(
+          f"{index}: not a safetensors index (need a 'weight_map'): {e}") from e
     files = sorted(set(weight_map.values()))
   elif single.exists():
     files = [single.name]
   else:
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"no model.safetensors or model.safetensors.index.json in {path}")
   tensors = {}
   for fname in files:
     fpath = path / fname
     if not fpath.exists():
-      raise FileNotFoundError(f"{fpath}: shard named by {index.name} is missing")
+      raise errors.MissingFileError(f"{fpath}: shard named by {index.name} is missing")
     with safe_open(str(fpath), framework="numpy") as f:
       for key in f.keys():
         arr = f.get_tensor(key)
@@ -129,11 +129,12 @@ def read_safetensors_dir(path: str | pathlib.Path) -> dict[str, np.ndarray]:
 def read_config(path: str | pathlib.Path) -> dict:
   cfg_path = pathlib.Path(path) / "config.json"
   if not cfg_path.exists():
-    raise FileNotFoundError(f"{cfg_path} not found: a Hugging Face T5 directory needs config.json")
+    raise errors.MissingFileError(
+        f"{cfg_path} not found: a Hugging Face T5 directory needs config.json")
   try:
     return json.loads(cfg_path.read_text())
   except json.JSONDecodeError as e:
-    raise ValueError(f"{cfg_path}: malformed JSON: {e}") from e
+    raise errors.CheckpointError(f"{cfg_path}: malformed JSON: {e}") from e
 
 
 def hf_to_params(cfg: T5Config, tensors: Mapping[str, np.ndarray]) -> dict[tuple[str, ...], np.ndarray]:

@@ -9,21 +9,24 @@ from typing import Any, Callable, Optional, Sequence
 import seqio
 import tensorflow as tf
 
+from mhr_jax import errors
+
 TASK_NAME = "task_name"  # The feature mhr_jax.data turns into task_ids.
 
 
 def data_root(data_dir, env: str, label: str, subdir: str) -> pathlib.Path:
   """``data_dir``, else ``$env``, as a path that must hold the folder ``subdir``.
 
-  Raises ValueError when neither is given and FileNotFoundError naming the path when ``subdir``
-  is missing; ``label`` names the collection in both messages ("T0 data directory", ...).
+  Raises ``errors.DataError`` (a ValueError) when neither is given and ``errors.MissingFileError``
+  (a FileNotFoundError) naming the path when ``subdir`` is missing; ``label`` names the collection
+  in both messages ("T0 data directory", ...).
   """
   data_dir = data_dir or os.environ.get(env)
   if not data_dir:
-    raise ValueError(f"No {label}: pass data_dir or set ${env}")
+    raise errors.DataError(f"No {label}: pass data_dir or set ${env}")
   root = pathlib.Path(data_dir)
   if not (root / subdir).is_dir():
-    raise FileNotFoundError(f"{label} {root} has no {subdir}/ folder ({root / subdir})")
+    raise errors.MissingFileError(f"{label} {root} has no {subdir}/ folder ({root / subdir})")
   return root
 
 
