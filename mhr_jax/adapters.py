@@ -7,14 +7,13 @@ is in ``mhr_jax.routing``; this module holds parameters, modes and mode transiti
 nothing of T5: a network asks ``make_adapter_factory(config)`` for an adapter at each dense layer
 path and calls it through the slot protocol of ``mhr_jax.layers.Adapter``.
 
-What trains is a filter over typed parameters (``trainable_filter(mode)``):
+The modes and their facts are stated once, in ``mhr_jax.modes``. What trains is a filter over
+typed parameters (``trainable_filter(mode)``), from the mode's parameter groups:
 
-  mode     trains                              routing
-  lora     AdapterParam                        none (one adapter shared by all tasks)
-  poly     RouterParam + AdapterParam          per task, n_splits = 1
-  mhr      RouterParam + AdapterParam          per task, n_splits > 1
-  mhr_z    RouterParam (new tasks' rows only)  skills and earlier rows frozen
-  mhr_mu   AdapterParam                        none: the skills averaged into one LoRA
+  group      parameters
+  routing    RouterParam (rows of the tasks that train)
+  adapters   AdapterParam (lora_a, lora_b)
+  backbone   every other nnx.Param (``BACKBONE``)
 
 Routing rows that existed before ``add_tasks`` are moved to a ``FrozenRouterParam`` variable, so
 they receive no gradient and no optimizer state in any mode.
@@ -37,11 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mhr_jax import axes, routing
+from mhr_jax import axes, errors, modes, routing
 
 Array = jax.Array
 
-MODES = ("lora", "poly", "mhr", "mhr_z", "mhr_mu")
+MODES = modes.ADAPTER_MODES
 
 # Layer-path regexes of the paper's two settings (algorithm.md section 4), matched with re.search
 # against paths such as "decoder/layers_1/encoder_decoder_attention/k" or "encoder/layers_0/mlp/wo".
@@ -68,6 +67,13 @@ class AdapterParam(nnx.Param):
 
 class RoutingAnneal(nnx.Variable):
   """Weight a of the routed mixture in the optional cosine anneal towards uniform (not trained)."""
+
+
+# The backbone's parameters: everything but what sits in adapter slots.
+BACKBONE = nnx.All(nnx.Param, nnx.Not(nnx.Any(AdapterParam, RouterParam, FrozenRouterParam)))
+# The nnx filter of each parameter group a mode may train (``modes.Mode.trains``).
+PARAM_GROUPS = {modes.BACKBONE: BACKBONE, modes.ROUTING: RouterParam,
+                modes.ADAPTERS: AdapterParam}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,17 +114,25 @@ class AdapterConfig:
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
-    if self.mode not in MODES:
-      raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
+    mode = modes.get_mode(self.mode)
+    if not mode.has_adapters:
+      raise errors.ConfigError(f"mode {self.mode!r} has no adapters: set the run's "
+                               f"adapter_config to None; adapter modes are {MODES}")
     if self.init not in ("authors", "peft"):
-      raise ValueError(f"init must be 'authors' or 'peft'; got {self.init!r}")
-    if self.mode == "poly" and self.n_splits != 1:
-      raise ValueError(f"poly routes whole adapters: n_splits must be 1, got {self.n_splits}")
+      raise errors.ConfigError(f"init must be 'authors' or 'peft'; got {self.init!r}")
+    if mode.single_split and self.n_splits != 1:
+      raise errors.ConfigError(
+          f"{self.mode} routes whole adapters: n_splits must be 1, got {self.n_splits}")
     if min(self.n_tasks, self.n_skills, self.n_splits, self.lora_rank) < 1:
-      raise ValueError(f"counts and rank must be >= 1: {self}")
+      raise errors.ConfigError(f"counts and rank must be >= 1: {self}")
     if not 0 <= self.n_frozen_tasks <= self.n_tasks:
-      raise ValueError(f"n_frozen_tasks {self.n_frozen_tasks} not in [0, n_tasks={self.n_tasks}]")
-    re.compile(self.layer_regex)
+      raise errors.ConfigError(
+          f"n_frozen_tasks {self.n_frozen_tasks} not in [0, n_tasks={self.n_tasks}]")
+    try:
+      re.compile(self.layer_regex)
+    except re.error as e:
+      raise errors.ConfigError(f"layers {self.layers!r} is not a preset "
+                               f"{sorted(LAYER_PRESETS)} nor a valid regex: {e}") from e
 
   @property
   def layer_regex(self) -> str:
@@ -126,7 +140,7 @@ class AdapterConfig:
 
   @property
   def routed(self) -> bool:
-    return self.mode in ("poly", "mhr", "mhr_z")
+    return modes.get_mode(self.mode).routed
 
   @property
   def scale(self) -> float:
@@ -332,14 +346,20 @@ def routers(model: nnx.Module) -> list[Router]:
 
 
 def trainable_filter(mode: str):
-  """The ``nnx`` filter of the variables that train in ``mode`` (see the module docstring)."""
-  if mode == "mhr_z":
-    return RouterParam
-  if mode in ("lora", "mhr_mu"):
-    return AdapterParam
-  if mode in ("poly", "mhr"):
-    return nnx.Any(RouterParam, AdapterParam)
-  raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+  """The ``nnx`` filter of the variables that train in ``mode`` (``modes.Mode.trains``)."""
+  groups = sorted(modes.get_mode(mode).trains)
+  filters = [PARAM_GROUPS[g] for g in groups]
+  return filters[0] if len(filters) == 1 else nnx.Any(*filters)
+
+
+def start_from(model: nnx.Module, transition: modes.Transition, n_new: int, key: Array):
+  """Applies ``transition`` to a parent run's ``model`` (in place), which then holds ``n_new``
+  tasks more than the parent: new routing rows for them, or the skills averaged. Returns it."""
+  if transition is modes.Transition.NEW_TASK_ROWS and n_new > 0:
+    add_tasks(model, n_new, key, keep_existing=True)
+  elif transition is modes.Transition.AVERAGE_SKILLS:
+    to_mhr_mu(model)
+  return model
 
 
 def add_tasks(model: nnx.Module, n_new: int, key: Array, *, keep_existing: bool = True):

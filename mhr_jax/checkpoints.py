@@ -68,7 +68,7 @@ def make_metadata(
   """The JSON metadata describing a run's checkpoints.
 
   Args:
-    mode: what the run trains, for example "pretrain", "finetune" or "mhr_z".
+    mode: the adapter mode the run trains (a name of ``modes.MODES``, e.g. "mhr" or "mhr_z").
     task_table: task name -> task id (the row of the routing matrix).
     trainable: the trainable State (arrays or ShapeDtypeStructs); its shapes are recorded.
     backbone: path of the backbone checkpoint the frozen part comes from.
