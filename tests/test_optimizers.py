@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from mhr_jax import adapters, models, network, optimizers
+from mhr_jax import adapters, models, network, optimizers, steps
 from mhr_jax.adapters import AdapterConfig
 from mhr_jax.optimizers import OptimizerConfig
 
@@ -41,7 +41,7 @@ def batch(task_ids, seed=0):
 
 def train(model, mode, opt_config, data, n_steps=3, key=None):
   """The train step of the optimizers module docstring, run ``n_steps`` times."""
-  graphdef, trainable, frozen = optimizers.split_trainable(model, mode)
+  graphdef, trainable, frozen = steps.split_model(model, adapters.trainable_filter(mode))
   tx = optimizers.make_optimizer(opt_config, trainable)
   opt_state = tx.init(trainable)
 
@@ -113,7 +113,7 @@ def test_mhr_mu_has_no_routing_and_trains_adapters_only():
 
 def test_group_learning_rates_and_weight_decay_on_routing():
   model = tiny_model()
-  _, trainable, _ = optimizers.split_trainable(model, "mhr")
+  _, trainable, _ = steps.split_model(model, adapters.trainable_filter("mhr"))
   grads = jax.tree.map(jnp.ones_like, trainable)
   opt = OptimizerConfig(learning_rate=1e-3, routing_learning_rate=0.1, warmup_fraction=0.0,
                         weight_decay=0.0, grad_clip_norm=None)

@@ -7,11 +7,12 @@ import gin
 import jax
 import jax.extend
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from test_optimizers import batch, tiny_model
 
-from mhr_jax import adapters, checkpoints, models, optimizers, steps, train
+from mhr_jax import adapters, checkpoints, models, optimizers, row_sparse, steps, train
 from mhr_jax.optimizers import OptimizerConfig
 
 N_TASKS = 8
@@ -26,10 +27,18 @@ def _setup(opt_config, n_tasks=N_TASKS, seed=0):
   """Model split, optimizer and jitted step; cached so tests with one config compile it once
   (jax arrays are immutable and the step is pure, so sharing is safe)."""
   model = tiny_model(n_tasks=n_tasks, seed=seed)
-  graphdef, trainable, frozen = optimizers.split_trainable(model, "mhr")
+  graphdef, trainable, frozen = steps.split_model(model, adapters.trainable_filter("mhr"))
+  tx, step = _tx_and_step(opt_config, graphdef, trainable)
+  return graphdef, trainable, frozen, tx, jax.jit(step)
+
+
+def _tx_and_step(opt_config, graphdef, trainable):
+  """The optimizer and (unjitted) step the trainer builds for ``opt_config``."""
+  if row_sparse.applies(opt_config, trainable):
+    tx = row_sparse.RowSparseOptimizer(opt_config, trainable)
+    return tx, row_sparse.make_train_step(graphdef, tx, _loss)
   tx = optimizers.make_optimizer(opt_config, trainable)
-  step = jax.jit(steps.make_train_step(graphdef, tx, _loss))
-  return graphdef, trainable, frozen, tx, step
+  return tx, steps.make_train_step(graphdef, tx, _loss)
 
 
 def _rows_config(**kw):
@@ -56,7 +65,7 @@ def _leaves_equal(a, b):
 
 def test_rows_mode_gives_the_row_sparse_optimizer_and_state():
   _, trainable, _, tx, _ = _setup(_rows_config())
-  assert isinstance(tx, optimizers.RowSparseOptimizer)
+  assert isinstance(tx, row_sparse.RowSparseOptimizer)
   state = tx.init(trainable)
   tables = _tables(trainable)
   # m and v mirror the routing tables (shape and Variable type, so they shard and save alike).
@@ -65,9 +74,16 @@ def test_rows_mode_gives_the_row_sparse_optimizer_and_state():
     assert got.keys() == tables.keys()
     assert all(got[p].shape == tables[p].shape and not got[p].any() for p in got)
   # Without routing tables "rows" is the dense optax transformation.
-  _, lora_trainable, _ = optimizers.split_trainable(tiny_model(mode="lora"), "lora")
-  assert not isinstance(optimizers.make_optimizer(_rows_config(), lora_trainable),
-                        optimizers.RowSparseOptimizer)
+  _, lora_trainable, _ = steps.split_model(tiny_model(mode="lora"),
+                                           adapters.trainable_filter("lora"))
+  assert not row_sparse.applies(_rows_config(), lora_trainable)
+  assert isinstance(optimizers.make_optimizer(_rows_config(), lora_trainable),
+                    optax.GradientTransformation)
+  # With them, the optax factory and the dense step refuse it, naming the row-sparse module.
+  with pytest.raises(ValueError, match="row_sparse"):
+    optimizers.make_optimizer(_rows_config(), trainable)
+  with pytest.raises(TypeError, match="row_sparse.make_train_step"):
+    steps.make_train_step(None, tx, _loss)
 
 
 def test_rows_absent_from_every_batch_keep_their_values_and_moments_bit_for_bit():
@@ -106,9 +122,9 @@ def _dense_grads(graphdef, trainable, frozen, b):
 
 def _row_grads(graphdef, trainable, frozen, b, n_tasks):
   """Gradients of the gathered rows, through the step's renumbering of the task ids."""
-  tables, rest = optimizers.split_routing(trainable)
-  rows, local_ids = steps.batch_rows(b["task_ids"], n_tasks)
-  row_tables = jax.tree.map(lambda t: optimizers.take_rows(t, rows), tables)
+  tables, rest = row_sparse.split_routing(trainable)
+  rows, local_ids = row_sparse.batch_rows(b["task_ids"], n_tasks)
+  row_tables = jax.tree.map(lambda t: row_sparse.take_rows(t, rows), tables)
 
   def loss(row_tables):
     model = nnx.merge(graphdef, rest, row_tables, frozen, copy=True)
@@ -206,7 +222,7 @@ def test_no_full_table_gradient_is_formed():
   def scatter_adds(routing_update):
     graphdef, trainable, frozen, tx, _ = _setup(_rows_config(routing_update=routing_update),
                                                 n_tasks=13)
-    fn = steps.make_train_step(graphdef, tx, _loss)
+    _, fn = _tx_and_step(_rows_config(routing_update=routing_update), graphdef, trainable)
     jaxpr = jax.make_jaxpr(fn)(trainable, frozen, tx.init(trainable), batch([1, 2, 2, 4]),
                                jax.random.key(0))
     found = []
@@ -230,9 +246,8 @@ def test_bad_configurations_raise():
     OptimizerConfig(name="adafactor", routing_update="rows")
   model = tiny_model(n_tasks=3)
   adapters.to_mhr_z(model, 1, jax.random.key(3))
-  graphdef, trainable, frozen = optimizers.split_trainable(model, "mhr_z")
-  tx = optimizers.make_optimizer(_rows_config(), trainable)
-  step = steps.make_train_step(graphdef, tx, _loss)
+  graphdef, trainable, frozen = steps.split_model(model, adapters.trainable_filter("mhr_z"))
+  tx, step = _tx_and_step(_rows_config(), graphdef, trainable)
   with pytest.raises(ValueError, match="FrozenRouterParam"):
     step(trainable, frozen, tx.init(trainable), batch([3, 3]), jax.random.key(0))
 

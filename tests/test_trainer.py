@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import seqio
 
-from mhr_jax import adapters, checkpoints, data, optimizers, sharding, trainer
+from mhr_jax import adapters, checkpoints, data, optimizers, run_state, sharding, trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = {"vocab_size": 259, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_heads": 4,
@@ -169,9 +169,8 @@ def test_backbone_loads_from_hugging_face_directory(tmp_path):
   model_config = trainer.ModelConfig(hf_checkpoint=str(tmp_path / "hf"))
   lora = adapters.AdapterConfig(mode="lora", n_skills=1, lora_rank=2, layers="super_ni")
   mesh = sharding.make_mesh(sharding.MeshConfig())
-  model, mode = trainer.build_model("pretrain", model_config, lora, data.TaskIdTable(("t",)), None,
-                                    0, mesh, sharding.logical_rules("fsdp"))
-  assert mode == "lora"
+  model = run_state.build_model(model_config, lora, data.TaskIdTable(("t",)), None, 0, mesh,
+                                sharding.logical_rules("fsdp"))
   want = hf_import.backbone_params(source)
   got = hf_import.backbone_params(model)
   assert want.keys() == got.keys()
