@@ -61,7 +61,7 @@ class TaskIdTable:
   Ids follow the order of ``names``. A table built from a mixture sorts the mixture's task names, so
   the ids do not depend on the order in which the mixture lists them; `extend` appends new tasks
   after the existing ones, so a fine-tuning table keeps every pre-training id. The table is written
-  next to every checkpoint and compared with `check_task_ids` on restore.
+  next to every checkpoint and compared (as `check_tables_match` does) on restore.
   """
 
   names: tuple[str, ...]
@@ -137,8 +137,11 @@ class TaskIdTable:
     return cls(tuple(sorted(tasks, key=tasks.get)))
 
 
-def check_task_ids(saved: TaskIdTable, current: TaskIdTable, allow_new: bool = False) -> None:
+def check_tables_match(saved: TaskIdTable, current: TaskIdTable, allow_new: bool = False
+                       ) -> None:
   """Fails unless ``current`` gives every task of ``saved`` the same id.
+
+  (Two tables compared; ``routing.check_task_ids`` checks a batch's ids against one router.)
 
   Args:
     saved: the table written with a checkpoint.

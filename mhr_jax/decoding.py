@@ -10,8 +10,9 @@ keys and values are written into a fixed ``[N, max_decode_len, H, K]`` buffer on
 step; cross-attention keys and values are computed once from the encoder outputs. A step then
 costs O(max_decode_len) instead of re-running the decoder over the whole prefix.
 
-Token conventions follow ``models``: the decoder starts from PAD (0), EOS is 1, and positions after
-a hypothesis' EOS are PAD.
+Token conventions follow ``models`` (``PAD_ID``, ``EOS_ID``): the decoder starts from PAD (0),
+EOS is 1, and positions after a hypothesis' EOS are PAD. ``greedy_decode`` and ``beam_search``
+are the project's only decoders.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mhr_jax.layers import Attention
+from mhr_jax.models import EOS_ID, PAD_ID
 from mhr_jax.network import NEG_INF, T5
 
 Array = jax.Array
-PAD_ID = 0
-EOS_ID = 1
 _NEG = -jnp.inf  # score of an empty finished slot or a masked candidate
 
 
@@ -198,7 +198,8 @@ def greedy_decode(
 ) -> Array:
   """Greedy decoding, each row stopping at EOS (later positions PAD); compiled.
 
-  Gives the tokens of ``models.greedy_decode`` and of ``beam_search`` with one beam.
+  Gives the tokens of ``beam_search`` with one beam; with ``use_cache=False`` every step re-runs
+  the teacher-forced decoder over the whole buffer (the reference the cache is tested against).
 
   Args:
     model: a T5.
@@ -306,7 +307,11 @@ def _beam_search(
     stop_when_full: Array, never: Array, *, num_beams: int, max_decode_len: int, eos_id: int,
     use_cache: bool,
 ) -> tuple[Array, Array]:
-  """``beam_search`` with ``early_stopping`` as flags: True sets stop_when_full, "never" never."""
+  """``beam_search`` with ``early_stopping`` as flags: True sets stop_when_full, "never" never.
+
+  Long because the loop's condition and body are closures over the static sizes, the decoder
+  and the stopping flags; as separate functions each would take all of them as arguments.
+  """
   b = encoder_input_tokens.shape[0]
   k, t = num_beams, max_decode_len
   encoded = model.encode(encoder_input_tokens, task_ids, deterministic=True)

@@ -1,23 +1,22 @@
-"""Losses, scoring and decoding on top of the T5 network.
+"""Losses and scoring on top of the T5 network (decoding is in ``decoding``).
 
 Batches are dicts of arrays with seqio's encoder-decoder feature names plus ``task_ids``:
 ``encoder_input_tokens`` [B, Li], ``decoder_input_tokens`` [B, Lt] (targets shifted right, starting
 with 0), ``decoder_target_tokens`` [B, Lt], optional ``decoder_loss_weights`` [B, Lt] (defaults to
-``decoder_target_tokens > 0``) and ``task_ids`` [B]. Pad id 0, EOS id 1.
+``decoder_target_tokens > 0``) and ``task_ids`` [B]. Pad id 0, EOS id 1 (``PAD_ID``, ``EOS_ID``,
+defined here only).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
 from mhr_jax.network import T5
 
 Array = jax.Array
-PAD_ID = 0
+PAD_ID = 0  # padding, and the decoder's start token
 EOS_ID = 1
 
 
@@ -224,29 +223,3 @@ def score_targets(model: T5, batch) -> tuple[Array, Array]:
   ll = token_log_likelihood(logits, batch["decoder_target_tokens"])
   w = loss_weights(batch)
   return jnp.sum(ll * w, axis=-1), jnp.sum(w, axis=-1)
-
-
-def greedy_decode(
-    model: T5, encoder_input_tokens: Array, task_ids: Optional[Array], max_decode_len: int,
-) -> Array:
-  """Greedy decoding, stopping each row at EOS (later positions are PAD).
-
-  Returns [B, max_decode_len] generated tokens (without the start token). Each step re-runs the
-  decoder over a fixed-size buffer; causal masking makes later (still empty) positions irrelevant.
-  """
-  b = encoder_input_tokens.shape[0]
-  encoded = model.encode(encoder_input_tokens, task_ids, deterministic=True)
-  buf = jnp.zeros((b, max_decode_len + 1), jnp.int32)  # position 0 is the start token (0)
-  done = jnp.zeros((b,), bool)
-
-  def step(i, carry):
-    buf, done = carry
-    logits = model.decode(encoded, encoder_input_tokens, buf[:, :-1], task_ids)
-    # [B, L, V] -> [B] at position i
-    nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False), axis=-1)
-    nxt = jnp.where(done, PAD_ID, nxt).astype(jnp.int32)
-    buf = jax.lax.dynamic_update_index_in_dim(buf, nxt, i + 1, axis=1)
-    return buf, done | (nxt == EOS_ID)
-
-  buf, _ = jax.lax.fori_loop(0, max_decode_len, step, (buf, done))
-  return buf[:, 1:]

@@ -39,16 +39,16 @@ def test_extend_appends_new_tasks_after_old_ids(tiny):
   fine = pre.extend_with_mixture("tiny_heldout")
   assert fine.names[: pre.n_tasks] == pre.names
   assert fine.names[pre.n_tasks :] == ("tiny_heldout_000_v1", "tiny_heldout_001_v1")
-  data.check_task_ids(pre, fine, allow_new=True)
+  data.check_tables_match(pre, fine, allow_new=True)
   with pytest.raises(ValueError, match="not in the saved table"):
-    data.check_task_ids(pre, fine)
+    data.check_tables_match(pre, fine)
   assert pre.extend(pre.names) == pre
 
 
 def test_check_names_every_difference():
   saved = data.TaskIdTable(("a", "b", "c"))
   with pytest.raises(ValueError) as e:
-    data.check_task_ids(saved, data.TaskIdTable(("b", "a", "d")))
+    data.check_tables_match(saved, data.TaskIdTable(("b", "a", "d")))
   msg = str(e.value)
   assert "'a' has id 0 in the saved table but 1 now" in msg
   assert "'b' has id 1 in the saved table but 0 now" in msg

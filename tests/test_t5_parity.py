@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import hf_t5_reference as ref
-from mhr_jax import hf_import, models
+from mhr_jax import decoding, hf_import, models
 
 try:
   import torch  # noqa: F401
@@ -41,7 +41,7 @@ def compare(model, r):
   assert int(n_tokens) == int((labels >= 0).sum())
   assert_close(loss, r["loss"])
   steps = r["generated"].shape[1] - 1
-  generated = models.greedy_decode(model, enc, None, steps + 1)
+  generated = decoding.greedy_decode(model, enc, None, steps + 1)
   np.testing.assert_array_equal(np.asarray(generated)[:, :steps], r["generated"][:, :steps])
 
 
