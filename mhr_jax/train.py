@@ -2,12 +2,18 @@
 
 Flags as in t5x: ``--gin_file`` (repeatable, applied in order, later files override earlier ones),
 ``--gin_search_path`` (repeatable; where relative gin paths and includes are looked up first,
-before ``gin_configs/``, the repository root and, last, the working directory), ``--gin.NAME=VALUE`` (one binding each, applied after the files),
-``--dry_run`` (parse, print the operative configuration, exit). Multi-host runs call
+before ``gin_configs/``, the repository root and, last, the working directory),
+``--gin.NAME=VALUE`` (one binding each, applied after the files), ``--dry_run`` (parse, print
+the operative configuration, exit). Multi-host runs call
 ``jax.distributed.initialize`` when ``--coordinator_address`` (or ``MHR_COORDINATOR_ADDRESS``)
 is given (``--distributed=auto`` on TPU pods); ``--distributed_timeout`` (or
 ``MHR_DISTRIBUTED_TIMEOUT``, seconds) bounds the wait for the other processes. What runs is
-``main.entry``: ``@trainer.run`` for one run, or an experiment's pipeline.
+``main_entry.entry``: ``@trainer.run`` for one run, or an experiment's pipeline.
+
+An expected failure (``errors.MhrError``: configuration, data, checkpoint, file system; gin's own
+configuration errors; an operating-system error on a path) is reported as one message on stderr,
+with exit status 1; ``--traceback`` shows its traceback instead. Any other exception is a defect
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,10 +22,13 @@ import argparse
 import contextlib
 import os
 import pathlib
+import re
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 import gin
+
+from mhr_jax import errors
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,6 +41,8 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
                       help="directory searched for gin files and includes (repeatable)")
   parser.add_argument("--dry_run", action="store_true",
                       help="parse the configuration, print it, and exit")
+  parser.add_argument("--traceback", action="store_true",
+                      help="show the traceback of an expected failure instead of its message")
   parser.add_argument("--distributed", choices=("off", "auto"), default="off",
                       help="auto: jax.distributed.initialize() reading the topology (TPU pods)")
   parser.add_argument("--coordinator_address", default=os.environ.get("MHR_COORDINATOR_ADDRESS"))
@@ -69,7 +80,7 @@ def gin_search_dirs(search_paths: Sequence[str] = ()) -> list[pathlib.Path]:
 
 def resolve_gin_file(name: str, search_paths: Sequence[str] = ()) -> str:
   """The file a gin path names: absolute or ``./``-relative paths as given, else the first hit
-  in ``gin_search_dirs``. Raises ``FileNotFoundError`` listing the folders searched."""
+  in ``gin_search_dirs``. Raises ``errors.MissingFileError`` listing the folders searched."""
   path = pathlib.Path(name)
   if path.is_absolute() or name.startswith(("./", "../")):
     candidates = [path]
@@ -78,7 +89,7 @@ def resolve_gin_file(name: str, search_paths: Sequence[str] = ()) -> str:
   for candidate in candidates:
     if candidate.is_file():
       return str(candidate.resolve())
-  raise FileNotFoundError(
+  raise errors.MissingFileError(
       f"gin file not found: {name} (looked in {', '.join(str(c.parent) for c in candidates)})")
 
 
@@ -104,13 +115,50 @@ def _gin_lookup(search_paths: Sequence[str]):
 
 
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]):
-  """Registers the configurables, then parses files and bindings (t5x semantics)."""
+  """Registers the configurables, then parses files and bindings (t5x semantics).
+
+  Raises ``errors.ConfigError`` for anything gin refuses (an unknown configurable or parameter,
+  a syntax error, a required macro left unset) and ``errors.MissingFileError`` for a gin file
+  that is not found.
+  """
   from mhr_jax import experiments, trainer  # noqa: F401  (registers the gin configurables)
 
   files = [resolve_gin_file(f, search_paths) for f in gin_files]  # names a missing file first
-  with _gin_lookup(search_paths):
-    gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
-  gin.finalize()
+  try:
+    with _gin_lookup(search_paths):
+      gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    gin.finalize()
+  except errors.MhrError:
+    raise
+  except Exception as e:  # gin reports configuration errors as built-in exceptions
+    raise errors.ConfigError(_gin_message(str(e))) from e
+
+
+def _gin_message(text: str) -> str:
+  """gin's error text, with its required-macro error said in terms of the command line."""
+  unset = re.match(r"(\w+)/macro\.value set to `%gin\.REQUIRED` but not subsequently overridden",
+                   text)
+  if unset:
+    name = unset.group(1)
+    return (f"the required gin macro {name} is not set: add --gin.{name}=... or bind it in a "
+            "gin file")
+  return f"gin configuration: {text}"
+
+
+def failure_message(e: BaseException) -> Optional[str]:
+  """The report of an expected failure, or None for a defect (which keeps its traceback).
+
+  gin appends the configurables a failure passed through ("In call to configurable 'run'
+  (<function ...>)"); those lines are dropped.
+  """
+  text = str(e)
+  if isinstance(e, RuntimeError) and text.startswith("Required bindings for"):
+    text = _gin_message(text)  # a configurable's gin.REQUIRED parameter left unbound
+  elif not isinstance(e, (errors.MhrError, OSError)):
+    return None
+  lines = [line for line in text.splitlines() if not line.strip().startswith(
+      "In call to configurable")]
+  return "\n".join(lines).strip() or type(e).__name__
 
 
 @gin.configurable
@@ -120,7 +168,21 @@ def main_entry(entry=gin.REQUIRED, dry_run: bool = False):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command line: returns the exit status (1 for an expected failure, reported on stderr)."""
   args = parse_flags(sys.argv[1:] if argv is None else argv)
+  try:
+    _run(args)
+  except Exception as e:
+    message = failure_message(e)
+    if message is None or args.traceback:
+      raise
+    print(f"error: {message}\n(run again with --traceback for where it happened)",
+          file=sys.stderr)
+    return 1
+  return 0
+
+
+def _run(args: argparse.Namespace) -> None:
   from mhr_jax import sharding
 
   if args.distributed == "auto":
@@ -136,7 +198,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(gin.config_str())
   with sharding.exit_when_peers_are_lost(args.coordinator_address or "auto-detected"):
     main_entry(dry_run=args.dry_run)
-  return 0
 
 
 if __name__ == "__main__":
