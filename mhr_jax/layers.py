@@ -5,6 +5,11 @@ The slot is the only place the backbone knows about adapters: a dense layer buil
 ``AdapterFactory`` handed to the network at construction, which sees the layer's path
 (for example ``"encoder/layers_0/attention/q"``) and decides whether to put one there.
 With no factory (or a factory that returns None everywhere) the network is plain T5.
+
+Activations are constrained where t5x constrains them (``sharding.constrain``, a no-op unless a
+step is traced under ``sharding.activation_rules``): queries, keys, values and the attention
+output by (batch, length, heads, kv), the MLP's hidden activations by (batch, length, mlp), the
+embedded tokens (and, in ``network``, every layer's input) by (batch, length, embed).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mhr_jax import axes
+from mhr_jax.sharding import constrain
 
 Array = jax.Array
 DType = jnp.dtype
@@ -37,6 +43,11 @@ class Adapter(Protocol):
   def delta_kernel(self, task_id: int) -> Array:
     ...
 
+
+# Logical axes of activations (t5x's names): per-head projections, MLP hidden, residual stream.
+HEADS = (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.KV)
+MLP_HIDDEN = (axes.BATCH, axes.LENGTH, axes.ACT_MLP)
+EMBEDDED = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
 
 # (path, in_dim, out_dim, rngs) -> adapter, or None for no adapter at that path.
 AdapterFactory = Callable[[str, int, int, nnx.Rngs], Optional[Adapter]]
@@ -107,7 +118,7 @@ class Embed(nnx.Module):
 
   def __call__(self, tokens: Array) -> Array:
     # [B, L] -> [B, L, E]
-    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+    return constrain(jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype), EMBEDDED)
 
   def attend(self, x: Array) -> Array:
     # [B, L, E] x [V, E] -> [B, L, V]
@@ -229,17 +240,18 @@ class Attention(nnx.Module):
     lk = x_kv.shape[1]
     kw = dict(deterministic=deterministic)
     # [B, L, H*K] -> [B, L, H, K]
-    q = self.q(x_q, task_ids, **kw).reshape(b, lq, self.num_heads, self.d_kv)
-    k = self.k(x_kv, task_ids, **kw).reshape(b, lk, self.num_heads, self.d_kv)
-    v = self.v(x_kv, task_ids, **kw).reshape(b, lk, self.num_heads, self.d_kv)
+    q = constrain(self.q(x_q, task_ids, **kw).reshape(b, lq, self.num_heads, self.d_kv), HEADS)
+    k = constrain(self.k(x_kv, task_ids, **kw).reshape(b, lk, self.num_heads, self.d_kv), HEADS)
+    v = constrain(self.v(x_kv, task_ids, **kw).reshape(b, lk, self.num_heads, self.d_kv), HEADS)
     # [B, Lq, H, K] x [B, Lk, H, K] -> [B, H, Lq, Lk]
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     scores = scores + bias.astype(jnp.float32)
     weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     weights = self.dropout(weights, deterministic=deterministic)
-    # [B, H, Lq, Lk] x [B, Lk, H, K] -> [B, Lq, H*K]
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, lq, self.num_heads * self.d_kv)
-    return self.o(out, task_ids, **kw)
+    # [B, H, Lq, Lk] x [B, Lk, H, K] -> [B, Lq, H, K]
+    out = constrain(jnp.einsum("bhqk,bkhd->bqhd", weights, v), HEADS)
+    # [B, Lq, H, K] -> [B, Lq, H*K]
+    return self.o(out.reshape(b, lq, self.num_heads * self.d_kv), task_ids, **kw)
 
 
 class MLP(nnx.Module):
@@ -271,5 +283,5 @@ class MLP(nnx.Module):
       h = jax.nn.gelu(self.wi_0(x, task_ids, **kw), approximate=True) * self.wi_1(x, task_ids, **kw)
     else:
       h = jax.nn.relu(self.wi(x, task_ids, **kw))
-    h = self.dropout(h, deterministic=deterministic)
+    h = constrain(self.dropout(h, deterministic=deterministic), MLP_HIDDEN)
     return self.wo(h, task_ids, **kw)

@@ -2,7 +2,9 @@
 
 ``task_ids`` ([B] int32) is an explicit argument of every call and reaches every dense layer's
 adapter slot; with no adapters it is ignored. Parameter paths follow the T5X layout
-(``encoder/layers_0/attention/q/kernel``, ``decoder/relpos_bias/rel_embedding``, ...).
+(``encoder/layers_0/attention/q/kernel``, ``decoder/relpos_bias/rel_embedding``, ...). Every
+layer's input is constrained by (batch, length, embed) and the logits by (batch, length, vocab),
+as in t5x (see ``layers``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from flax import nnx
 
 from mhr_jax import axes
 from mhr_jax.layers import (
-    AdapterFactory, Attention, Dense, Embed, LayerDims, MLP, Precision, RMSNorm,
+    EMBEDDED, AdapterFactory, Attention, Dense, Embed, LayerDims, MLP, Precision, RMSNorm,
     RelativePositionBias, no_adapters)
+from mhr_jax.sharding import constrain
 
 Array = jax.Array
 NEG_INF = -1e10  # added to masked attention scores; large enough for exp() to underflow to 0
@@ -102,6 +105,7 @@ class EncoderLayer(nnx.Module):
     self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
   def __call__(self, x, bias, task_ids, *, deterministic):
+    x = constrain(x, EMBEDDED)
     h = self.pre_attention_layer_norm(x)
     h = self.attention(h, h, bias, task_ids, deterministic=deterministic)
     x = x + self.dropout(h, deterministic=deterministic)
@@ -127,6 +131,7 @@ class DecoderLayer(nnx.Module):
 
   def __call__(self, y, encoded, self_bias, cross_bias, task_ids, *, deterministic):
     kw = dict(deterministic=deterministic)
+    y = constrain(y, EMBEDDED)
     h = self.pre_self_attention_layer_norm(y)
     h = self.self_attention(h, h, self_bias, task_ids, **kw)
     y = y + self.dropout(h, **kw)
@@ -203,9 +208,8 @@ class Decoder(nnx.Module):
     y = self.dropout(y, deterministic=deterministic)
     if self.scale is not None:
       y = y * self.scale
-    if self.tied:
-      return embedder.attend(y)
-    return self.logits_dense(y)
+    logits = embedder.attend(y) if self.tied else self.logits_dense(y)
+    return constrain(logits, (axes.BATCH, axes.LENGTH, axes.VOCAB))
 
 
 class T5(nnx.Module):

@@ -3,6 +3,7 @@
 import functools
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -14,16 +15,24 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from mhr_jax import axes, models, network, sharding, steps
+from mhr_jax import axes, data, evaluation, models, network, sharding, steps, trainer
 
 MESHES = [(8, 1), (2, 4), (1, 8)]
 TINY = dict(vocab_size=128)
-# Adam's first update is g / (|g| + eps), about sign(g): for gradients near zero it amplifies the
-# float noise of a different reduction order (1e-9) up to the learning rate. A larger eps keeps
-# the comparison between meshes at 1e-6 meaningful (the noise scales with lr / eps).
-ADAM_EPS = 1e-5
-LEARNING_RATE = 1e-4
+# Plain SGD, whose update is the gradient times the learning rate: a gradient that a mesh sums
+# wrongly, scales (a mean over the wrong axis) or leaves partial moves the parameters by as much
+# as the update itself. (Adam's first steps are about lr * sign(g), blind to a scaled gradient.)
+# The rate is large enough that three steps move parameters far beyond the comparison tolerance
+# (``test_train_steps_are_mesh_independent`` checks that), small enough to stay stable.
+LEARNING_RATE = 2.0
+N_STEPS = 3
+PARAM_ATOL = 1e-5  # float32 sums in another order over three steps; the updates are ~1e-2
+
+
+def make_tx():
+  return optax.sgd(LEARNING_RATE)
 
 
 def build_t5(dropout_rate=0.0, seed=0):
@@ -78,22 +87,47 @@ def test_constrain_is_a_noop_without_rules():
   assert sharding.constrain(x, (axes.BATCH, axes.ACT_EMBED)) is x
 
 
+# What each strategy shards, stated apart from ``sharding.logical_rules``: parameter axis name ->
+# mesh axis (t5x's standard rules, ``partitioning.standard_logical_axis_rules``).
+EXPECTED_PARAM_RULES = {
+    "dp": {},
+    "tp": {axes.VOCAB: "model", axes.MLP: "model", axes.HEADS: "model", axes.JOINED_KV: "model"},
+    "fsdp": {axes.EMBED: "data"},
+    "fsdp_tp": {axes.VOCAB: "model", axes.MLP: "model", axes.HEADS: "model",
+                axes.JOINED_KV: "model", axes.EMBED: "data"},
+}
+
+
+def expected_spec(logical, shape, mesh, strategy):
+  """Each dimension on its rule's mesh axis where that axis divides it and is still free."""
+  used, spec = set(), []
+  for name, size in zip(logical, shape):
+    axis = EXPECTED_PARAM_RULES[strategy].get(name)
+    ok = axis is not None and axis not in used and size % mesh.shape[axis] == 0
+    spec.append(axis if ok else None)
+    used.update([axis] if ok else [])
+  return tuple(spec)
+
+
 @pytest.mark.parametrize("strategy", sharding.STRATEGIES)
 @pytest.mark.parametrize("mesh_shape", MESHES)
-def test_every_param_gets_a_valid_sharding(strategy, mesh_shape):
+def test_every_param_gets_the_sharding_of_its_axis_names(strategy, mesh_shape):
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
   abstract = nnx.eval_shape(build_t5())
   state = nnx.state(abstract, nnx.Param)
   shardings = sharding.state_shardings(state, mesh, sharding.logical_rules(strategy))
+  n_sharded = 0
   for (path, var), (_, sh) in zip(nnx.to_flat_state(state), nnx.to_flat_state(shardings)):
-    assert "logical_axes" in var.get_metadata(), path
+    logical = var.get_metadata().get("logical_axes")
+    assert logical is not None and len(logical) == var.ndim, path
     named = sh.get_value()
     assert isinstance(named, jax.sharding.NamedSharding), path
-    assert named.is_equivalent_to(named, var.ndim)
-    # Every sharded dimension is divisible by its mesh axis.
-    for size, mesh_axis in zip(var.shape, named.spec):
-      if mesh_axis is not None:
-        assert size % mesh.shape[mesh_axis] == 0, (path, var.shape, named.spec)
+    spec = tuple(named.spec) + (None,) * (var.ndim - len(named.spec))
+    assert spec == expected_spec(logical, var.shape, mesh, strategy), (path, var.shape, spec)
+    n_sharded += any(axis is not None and mesh.shape[axis] > 1 for axis in spec)
+  # Every strategy but dp splits something over a mesh axis of more than one device.
+  uses = {axis for axis in EXPECTED_PARAM_RULES[strategy].values() if mesh.shape[axis] > 1}
+  assert (n_sharded > 0) == bool(uses), n_sharded
 
 
 def test_fsdp_init_splits_params_across_devices():
@@ -122,23 +156,38 @@ def host_model(dropout_rate):
   return graphdef, jax.tree.map(lambda x: x if is_key(x) else np.asarray(x), state)
 
 
-def run_steps(mesh_shape, strategy, dropout_rate, n_steps=1, seed_batch=0):
-  """Full fine-tuning of the tiny T5 for ``n_steps`` on a mesh; returns (losses, params)."""
+def place(mesh_shape, strategy, dropout_rate):
+  """The tiny T5 placed on a mesh: (mesh, graphdef, trainable, frozen, opt_state, opt_shardings).
+
+  init_sharded has its own test; placing one host copy keeps each case to one compilation.
+  """
   devices = jax.devices()[: mesh_shape[0] * mesh_shape[1]]
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), devices=devices)
   rules = sharding.logical_rules(strategy)
-  # init_sharded has its own test; placing one host copy keeps this test to one compilation.
   graphdef, state = host_model(dropout_rate)
   model = nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
   graphdef, trainable, frozen = steps.split_model(model, nnx.Param)
-  tr_sh = sharding.state_shardings(trainable, mesh, rules)
-  fr_sh = sharding.state_shardings(frozen, mesh, rules)
-  tx = optax.adamw(LEARNING_RATE, eps=ADAM_EPS, weight_decay=0.01)
-  opt_state, opt_sh = steps.init_opt_state(tx, trainable, mesh, rules)
+  opt_state, opt_sh = steps.init_opt_state(make_tx(), trainable, mesh, rules)
+  return mesh, graphdef, trainable, frozen, opt_state, opt_sh
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_step(mesh_shape, strategy, dropout_rate):
+  """The jitted full fine-tuning step of the tiny T5 on a mesh, built once per case."""
+  mesh, graphdef, trainable, frozen, _, opt_sh = place(mesh_shape, strategy, dropout_rate)
+  rules = sharding.logical_rules(strategy)
   loss_fn = functools.partial(models.loss_fn, deterministic=dropout_rate == 0.0)
-  step = steps.jit_train_step(
-      steps.make_train_step(graphdef, tx, loss_fn), mesh, tr_sh, fr_sh, opt_sh, rules=rules,
+  return steps.jit_train_step(
+      steps.make_train_step(graphdef, make_tx(), loss_fn), mesh,
+      sharding.state_shardings(trainable, mesh, rules),
+      sharding.state_shardings(frozen, mesh, rules), opt_sh, rules=rules,
       compiler_options=sharding.FAST_COMPILE)
+
+
+def run_steps(mesh_shape, strategy, dropout_rate, n_steps=N_STEPS, seed_batch=0):
+  """Full fine-tuning of the tiny T5 for ``n_steps`` on a mesh; returns (losses, params)."""
+  mesh, _, trainable, frozen, opt_state, _ = place(mesh_shape, strategy, dropout_rate)
+  step = jitted_step(mesh_shape, strategy, dropout_rate)
   losses = []
   for i in range(n_steps):
     batch = sharding.global_batch(make_batch(seed_batch + i), mesh)
@@ -155,7 +204,7 @@ def reference(dropout_rate):
   return losses, params
 
 
-def assert_trees_close(a, b, atol=1e-6):
+def assert_trees_close(a, b, atol=PARAM_ATOL):
   flat_a = jax.tree_util.tree_leaves_with_path(a)
   flat_b = jax.tree.leaves(b)
   assert len(flat_a) == len(flat_b)
@@ -171,24 +220,54 @@ CASES = [pytest.param(m, s, marks=[] if (m, s) in FAST_CASES else [pytest.mark.s
 
 
 @pytest.mark.parametrize("mesh_shape,strategy", CASES)
-def test_one_train_step_is_mesh_independent(mesh_shape, strategy):
+def test_train_steps_are_mesh_independent(mesh_shape, strategy):
   ref_losses, ref_params = reference(0.0)
   losses, params, trainable = run_steps(mesh_shape, strategy, 0.0)
-  np.testing.assert_allclose(losses, ref_losses, atol=1e-6, rtol=0)
+  np.testing.assert_allclose(losses, ref_losses, atol=1e-5, rtol=0)
   assert_trees_close(params, ref_params)
+  # The comparison can tell: the steps moved the parameters by 100 times the tolerance.
+  initial = host_tree(host_model(0.0)[1].filter(nnx.Param))
+  moved = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(params),
+                                                   jax.tree.leaves(initial)))
+  assert moved > 100 * PARAM_ATOL, moved
   if strategy == "fsdp" and mesh_shape[0] > 1:
     kernel = trainable["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"][...]
     assert kernel.sharding.spec[0] == "data"  # the step kept the parameter sharding
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 4), pytest.param((8, 1), marks=pytest.mark.slow)])
-def test_dropout_step_is_mesh_independent(mesh_shape):
+def test_dropout_steps_are_mesh_independent(mesh_shape):
   ref_losses, ref_params = reference(0.1)
   losses, params, _ = run_steps(mesh_shape, "fsdp_tp", 0.1)
-  np.testing.assert_allclose(losses, ref_losses, atol=1e-6, rtol=0)
+  np.testing.assert_allclose(losses, ref_losses, atol=1e-5, rtol=0)
   assert_trees_close(params, ref_params)
   # Dropout is on: the loss differs from the deterministic one.
   assert abs(losses[0] - reference(0.0)[0][0]) > 1e-4
+
+
+def test_tensor_parallel_step_constrains_and_shards_the_activations():
+  """The step carries t5x's activation constraints (queries, keys, values and attention output by
+  heads, the MLP hidden units, the logits by vocabulary over 'model'; every layer's input by
+  batch over 'data'), and the compiled program holds those activations split: per device half
+  the batch, 1 of the 4 heads and a quarter of the MLP's 128 hidden units."""
+  mesh_shape, strategy = (2, 4), "fsdp_tp"  # the default suite's tensor-parallel case
+  mesh, _, trainable, frozen, opt_state, _ = place(mesh_shape, strategy, 0.0)
+  lowered = jitted_step(mesh_shape, strategy, 0.0).lower(
+      trainable, frozen, opt_state, sharding.global_batch(make_batch(0), mesh),
+      jax.random.key(0))
+  # Batch 16, lengths 12 (encoder) and 8 (decoder), 4 heads x 16, d_model 64, d_ff = vocab = 128.
+  constraints = set(re.findall(
+      r"sdy.sharding_constraint %\S+ <@mesh, (\[.*?\])> : tensor<([^>]+)>", lowered.as_text()))
+  heads = '[{"data"}, {}, {"model"}, {}]'
+  hidden = '[{"data"}, {}, {"model"}]'
+  embed = '[{"data"}, {}, {}]'
+  for length in (12, 8):
+    assert (heads, f"16x{length}x4x16xf32") in constraints, constraints
+    assert (hidden, f"16x{length}x128xf32") in constraints, constraints
+    assert (embed, f"16x{length}x64xf32") in constraints, constraints
+  compiled = lowered.compile().as_text()
+  assert "f32[8,1,12,12]" in compiled  # encoder attention scores: [B/2, H/4, Lq, Lk]
+  assert "f32[8,12,32]" in compiled  # encoder MLP hidden: [B/2, L, d_ff/4]
 
 
 class TinyDropoutNet(nnx.Module):
@@ -241,7 +320,7 @@ def test_non_finite_step_keeps_the_state():
   assert int(new_opt[0].count) == 0
 
 
-def test_eval_step_runs_sharded():
+def test_eval_step_is_mesh_independent():
   mesh = sharding.make_mesh(sharding.MeshConfig(2, 4))
   rules = sharding.logical_rules("fsdp_tp")
   graphdef, state = host_model(0.0)
@@ -254,8 +333,32 @@ def test_eval_step_runs_sharded():
       compiler_options=sharding.FAST_COMPILE)
   ll, length = ev(trainable, frozen, sharding.global_batch(make_batch(0), mesh))
   assert ll.shape == length.shape == (16,)
-  assert np.all(np.asarray(ll) < 0)
+  # The same scores on one device, from the unsharded model.
+  want_ll, want_length = jax.jit(models.score_targets)(
+      nnx.merge(*host_model(0.0)), jax.tree.map(jnp.asarray, make_batch(0)))
+  np.testing.assert_allclose(np.asarray(ll), np.asarray(want_ll), rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(length, want_length)
   np.testing.assert_array_equal(length, (make_batch(0)["decoder_target_tokens"] > 0).sum(-1))
+  assert np.ptp(np.asarray(want_ll)) > 1.0  # rows differ: a row mix-up would show
+
+
+def test_evaluation_is_mesh_independent(prediction_task):
+  """Greedy evaluation of a model sharded over a (2, 4) mesh predicts what it does unsharded."""
+  lengths = {"inputs": 16, "targets": 10}
+  host = network.T5(network.preset("tiny", vocab_size=259, dropout_rate=0.0), rngs=nnx.Rngs(1))
+  mesh = sharding.make_mesh(sharding.MeshConfig(2, 4))
+  graphdef, state = nnx.split(host)
+  state = jax.device_put(state, sharding.state_shardings(state, mesh,
+                                                         sharding.logical_rules("fsdp_tp")))
+  sharded = nnx.merge(graphdef, state)
+  assert sharded.encoder.layers_0.mlp.wi_0.kernel[...].sharding.spec == P("data", "model")
+  table = data.TaskIdTable((prediction_task,))
+  cfg = trainer.DataConfig(mixture=prediction_task, eval_tasks=(prediction_task,),
+                           feature_lengths=lengths, eval_batch_size=8)
+  want = evaluation.evaluate(host, table, cfg, split="test")[prediction_task]["predictions"]
+  got = evaluation.evaluate(sharded, table, cfg, split="test")[prediction_task]["predictions"]
+  assert got == want
+  assert len(want) == 8 and len(set(want)) > 1  # several different predictions to compare
 
 
 def test_split_model_rejects_bad_filters():
@@ -295,7 +398,7 @@ def run_multihost():
   rules = sharding.logical_rules("fsdp_tp")
   model = sharding.init_sharded(build_t5(0.1), mesh, rules, compiler_options=sharding.FAST_COMPILE)
   graphdef, trainable, frozen = steps.split_model(model)
-  tx = optax.adamw(LEARNING_RATE, eps=ADAM_EPS, weight_decay=0.01)
+  tx = make_tx()
   opt_state, opt_sh = steps.init_opt_state(tx, trainable, mesh, rules)
   step = steps.jit_train_step(
       steps.make_train_step(graphdef, tx, models.loss_fn), mesh,
@@ -337,4 +440,4 @@ def test_two_processes_match_one(tmp_path):
   flat = jax.tree_util.tree_leaves_with_path(expected)
   assert len(flat) == len(got.files)
   for path, x in flat:
-    np.testing.assert_allclose(got[jax.tree_util.keystr(path)], x, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got[jax.tree_util.keystr(path)], x, atol=PARAM_ATOL, rtol=0)
