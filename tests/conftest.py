@@ -21,3 +21,33 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"shared data folder not found at {SHARED_DATA}")
   return SHARED_DATA
+
+
+PREDICTION_TASK = "test_predictions_v1"
+
+
+@pytest.fixture(scope="session")
+def prediction_task():
+  """A small seqio task (8 test examples) whose metric returns the predictions it was given, so
+  that tests can compare an evaluation's output with decoding done by hand."""
+  import seqio
+  import tensorflow as tf
+
+  from tasks import common, synthetic
+
+  if PREDICTION_TASK not in seqio.TaskRegistry.names():
+    letters = "abcdefghij"
+    inputs = ["".join(letters[(3 * i + 7 * j) % 10] for j in range(4 + i % 4)) for i in range(8)]
+
+    def dataset_fn(split, shuffle_files, seed=None):
+      del split, shuffle_files, seed
+      return tf.data.Dataset.from_tensor_slices({"inputs": inputs, "targets": inputs[::-1]})
+
+    def predictions(targets, predictions):
+      return {"predictions": [common.as_text(p) for p in predictions], "n": len(targets)}
+
+    common.add_text_task(
+        PREDICTION_TASK, seqio.FunctionDataSource(dataset_fn, splits=["test"]),
+        synthetic.OUTPUT_FEATURES["targets"].vocabulary, metric_fns=[predictions],
+        shuffle_buffer_size=8)
+  return PREDICTION_TASK
