@@ -1,5 +1,7 @@
-"""The trainer: resume after SIGKILL, vmapped fine-tuning, non-finite loss, mismatched checkpoints."""
+"""The trainer: the run kinds, resume after SIGKILL, vmapped fine-tuning, non-finite loss,
+mismatched and damaged checkpoints, the records a run writes."""
 
+import json
 import os
 import pathlib
 import shutil
@@ -8,11 +10,13 @@ import subprocess
 import sys
 import time
 
+import gin
 import numpy as np
 import pytest
 import seqio
 
-from mhr_jax import adapters, checkpoints, data, optimizers, run_state, sharding, trainer
+from mhr_jax import (adapters, checkpoints, data, errors, optimizers, run_state, sharding, train,
+                     trainer)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = {"vocab_size": 259, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_heads": 4,
@@ -50,13 +54,21 @@ def _assert_same(a, b, atol=0.0):
       np.testing.assert_array_equal(a[k], b[k], err_msg="/".join(k))
 
 
-def test_vmapped_finetuning_equals_separate_runs(tmp_path):
-  _run(tmp_path / "pre", steps=2)
+@pytest.fixture(scope="module")
+def poly_run(tmp_path_factory):
+  """A finished 2-step Poly run with checkpoints at steps 1 and 2 (tests read it or work on
+  copies)."""
+  run_dir = tmp_path_factory.mktemp("poly") / "run"
+  _run(run_dir, mode="poly", steps=2)
+  return run_dir
+
+
+def test_vmapped_finetuning_equals_separate_runs(poly_run, tmp_path):
   heldout = [f"synthetic_heldout_{i:03d}_v1" for i in range(4)]
   if "test_heldout4" not in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.add("test_heldout4", heldout, default_rate=1.0)
   res = _run(tmp_path / "vmap", kind="finetune", mixture="test_heldout4", steps=3, vmap=True,
-             init_from=str(tmp_path / "pre"))
+             init_from=str(poly_run))
   stacked = _params(tmp_path / "vmap")
   # One copy per task, in the order of the sorted task names.
   assert all(v.shape[0] == 4 for v in stacked.values())
@@ -65,7 +77,7 @@ def test_vmapped_finetuning_equals_separate_runs(tmp_path):
   # short; an ordering mistake between copies and tasks shows at either end).
   for i, task in ((0, heldout[0]), (3, heldout[3])):
     _run(tmp_path / f"single_{i}", kind="finetune", mixture=task, steps=3,
-         init_from=str(tmp_path / "pre"))
+         init_from=str(poly_run))
     single = _params(tmp_path / f"single_{i}")
     # Batched and single programs sum in different orders; Adam's normalised update turns float32
     # rounding into differences of ~1e-6 after 3 steps at lr 1e-2 (copies differ by ~1e-2).
@@ -75,8 +87,70 @@ def test_vmapped_finetuning_equals_separate_runs(tmp_path):
   assert max(gaps) > 1e-3
 
 
+def _records(model_dir):
+  """metrics.jsonl as a list of dicts, and the TensorBoard scalars as {tag: [(step, value)]}
+  read back from the event files with TensorFlow's reader, oldest file first."""
+  import tensorflow as tf
+
+  lines = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+  scalars = {}
+  for path in sorted((model_dir / "tensorboard").glob("events.out.tfevents.*"),
+                     key=lambda p: p.stat().st_mtime):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return lines, scalars
+
+
+def test_zeroshot_and_eval_kinds_and_their_records(poly_run, tmp_path):
+  """zeroshot: Poly averaged into MHR-mu, trained on the mixture, held-out tasks evaluated with no
+  task data; eval: that run's checkpoint evaluated again, beside its files, to the same figures.
+  Both leave metrics.jsonl and TensorBoard records that read back as the run reported them."""
+  heldout = ["synthetic_heldout_000_v1", "synthetic_heldout_001_v1"]
+  zs_dir = tmp_path / "zs"
+  zs = _run(zs_dir, kind="zeroshot", mode="mhr_mu", steps=2, init_from=str(poly_run),
+            eval_tasks=heldout)
+  assert (zs["kind"], zs["mode"], zs["resumed_from"], zs["steps"]) == ("zeroshot", "mhr_mu", 0, 2)
+  assert set(zs["eval"]) == set(heldout)
+  assert all(r["n_examples"] == 16 for r in zs["eval"].values())
+  # The held-out tasks are not in the run's table: they were evaluated through id 0.
+  assert not set(heldout) & set(json.loads((zs_dir / "task_ids.json").read_text())["tasks"])
+  # MHR-mu holds one plain LoRA per layer: no routing left.
+  assert zs["parameters"]["routing"] == 0 and zs["parameters"]["adapters"] > 0
+
+  ev = _run(zs_dir, kind="eval", mode="mhr_mu", steps=2, init_from=str(poly_run),
+            eval_tasks=heldout)
+  assert (ev["kind"], ev["resumed_from"], ev["steps"]) == ("eval", 2, 2)
+  assert ev["eval"] == zs["eval"]
+  assert json.loads((zs_dir / "results.json").read_text())["kind"] == "zeroshot"
+  assert json.loads((zs_dir / "results_eval.json").read_text())["eval"] == zs["eval"]
+  assert (zs_dir / "config_eval.gin").exists()
+  assert checkpoints.CheckpointManager(str(zs_dir / "checkpoints")).all_steps() == [1, 2]
+
+  lines, scalars = _records(zs_dir)
+  train_lines = [r for r in lines if r["split"] == "train"]
+  assert [r["step"] for r in train_lines] == [1, 2]
+  assert train_lines[-1]["loss"] == zs["final_loss"]
+  for task in heldout:
+    evals = [r for r in lines if r["split"] == f"eval/{task}"]
+    assert [r["step"] for r in evals] == [2, 2]  # the zeroshot run's and the eval run's
+    assert all(r["exact_match"] == zs["eval"][task]["exact_match"] for r in evals)
+    assert [s for s, _ in scalars[f"eval/{task}/exact_match"]] == [2, 2]
+  # TensorBoard holds the same figures (as float32).
+  for key in ("loss", "grad_norm"):
+    got = scalars[f"train/{key}"]
+    assert [s for s, _ in got] == [1, 2]
+    np.testing.assert_allclose([v for _, v in got], [r[key] for r in train_lines], rtol=1e-6)
+
+
+def test_eval_kind_needs_a_checkpoint(tmp_path):
+  with pytest.raises(errors.CheckpointError, match="kind 'eval' needs a checkpoint"):
+    _run(tmp_path / "none", kind="eval", mode="poly", steps=0)
+
+
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
-  with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+ .*last good checkpoint"):
+  with pytest.raises(FloatingPointError,
+                     match=r"non-finite loss at step \d+ .*last good checkpoint"):
     _run(tmp_path / "nan", mode="full", steps=6, lr=1e30)
   step = checkpoints.read_metadata(tmp_path / "nan")["step"]
   assert step is not None and step >= 1
@@ -84,17 +158,10 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
   assert all(np.isfinite(v).all() for v in params.values())
 
 
-@pytest.fixture(scope="module")
-def poly_run(tmp_path_factory):
-  """A finished 2-step poly run with checkpoints at steps 1 and 2 (tests work on copies)."""
-  run_dir = tmp_path_factory.mktemp("poly") / "run"
-  _run(run_dir, mode="poly", steps=2)
-  return run_dir
-
-
 def test_mismatched_checkpoint_is_named(tmp_path, poly_run):
   shutil.copytree(poly_run, tmp_path / "run")
-  with pytest.raises(checkpoints.CheckpointMismatchError, match="mode: checkpoint 'poly', config 'mhr'"):
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match="mode: checkpoint 'poly', config 'mhr'"):
     _run(tmp_path / "run", mode="mhr", steps=2)
   with pytest.raises(checkpoints.CheckpointMismatchError, match="task 'synthetic_primitive"):
     _run(tmp_path / "run", mode="poly", mixture="synthetic_primitives", steps=2)
@@ -124,39 +191,90 @@ def test_damaged_newest_checkpoint_resumes_from_the_older_one(tmp_path, capsys, 
   assert sorted(p for p in run_dir.rglob("*")) == before
 
 
-def test_finetune_modes_need_a_parent(tmp_path):
+def test_modes_start_only_from_their_parents(poly_run, tmp_path):
   with pytest.raises(ValueError, match="init_from"):
     _run(tmp_path / "z", kind="finetune", mode="mhr_z", mixture="synthetic_heldout")
+  with pytest.raises(ValueError, match=r"mode 'lora' starts from a run of mode 'lora'.*'poly'"):
+    _run(tmp_path / "l", kind="finetune", mode="lora", mixture="synthetic_heldout",
+         init_from=str(poly_run))
+  with pytest.raises(ValueError, match=r"kind 'zeroshot' .* needs AdapterConfig.mode in"):
+    _run(tmp_path / "zs", kind="zeroshot", mode="mhr", init_from=str(poly_run))
 
 
-CLI = [sys.executable, "-m", "mhr_jax.train", "--gin_file=runs/pretrain.gin",
-       "--gin_file=models/t5_1_1_tiny.gin", "--gin_file=adapters/mhr.gin",
-       "--gin_file=overlays/cpu_tiny.gin", "--gin.MIXTURE='synthetic_pretrain'",
-       "--gin.TRAIN_STEPS=8", "--gin.N_SPLITS=2", "--gin.N_SKILLS=4",
-       "--gin.TrainConfig.checkpoint_every=1", "--gin.INPUTS_LENGTH=24", "--gin.TARGETS_LENGTH=24",
-       "--gin.ModelConfig.overrides=" + repr(TINY)]
+# The command line, as the README runs it, on the CPU overlay.
+CLI_ARGS = ["--gin_file=runs/pretrain.gin", "--gin_file=models/t5_1_1_tiny.gin",
+            "--gin_file=adapters/mhr.gin", "--gin_file=overlays/cpu_tiny.gin",
+            "--gin.MIXTURE='synthetic_pretrain'", "--gin.TRAIN_STEPS=8", "--gin.N_SPLITS=2",
+            "--gin.N_SKILLS=4", "--gin.TrainConfig.checkpoint_every=1",
+            "--gin.INPUTS_LENGTH=24", "--gin.TARGETS_LENGTH=24",
+            "--gin.ModelConfig.overrides=" + repr(TINY)]
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path):
-  env = dict(os.environ)
-  full = subprocess.run(CLI + [f"--gin.MODEL_DIR='{tmp_path / 'full'}'"], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert full.returncode == 0, full.stderr[-3000:]
+def _main(*args) -> int:
+  """``python -m mhr_jax.train`` in this process (no JAX start-up), gin cleared around it."""
+  gin.clear_config()
+  try:
+    return train.main(list(args))
+  finally:
+    gin.clear_config()
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+  """The command line's 8-step MHR run, uninterrupted."""
+  model_dir = tmp_path_factory.mktemp("cli") / "full"
+  assert _main(*CLI_ARGS, f"--gin.MODEL_DIR='{model_dir}'") == 0
+  return model_dir
+
+
+def test_resume_after_sigkill_starts_from_its_checkpoint_and_is_bit_identical(
+    cli_run, tmp_path, capsys):
   killed_dir = tmp_path / "killed"
-  proc = subprocess.Popen(CLI + [f"--gin.MODEL_DIR='{killed_dir}'"], cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "mhr_jax.train", *CLI_ARGS, f"--gin.MODEL_DIR='{killed_dir}'"],
+      cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 600
   while time.time() < deadline and not (killed_dir / "checkpoints" / "3").exists():
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   done = checkpoints.read_metadata(killed_dir)["step"]
-  assert done is not None and done < 8, f"the run was not interrupted (latest step {done})"
-  resumed = subprocess.run(CLI + [f"--gin.MODEL_DIR='{killed_dir}'"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=600)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert done is not None and 0 < done < 8, f"the run was not interrupted (latest step {done})"
+  capsys.readouterr()
+  assert _main(*CLI_ARGS, f"--gin.MODEL_DIR='{killed_dir}'") == 0
+  # It says where it resumed, started there (not at step 0), and ended where the
+  # uninterrupted run ended, to the bit.
+  assert f"resuming from step {done}" in capsys.readouterr().err
+  results = json.loads((killed_dir / "results.json").read_text())
+  assert (results["resumed_from"], results["steps"]) == (done, 8)
   assert checkpoints.read_metadata(killed_dir)["step"] == 8
-  _assert_same(_params(tmp_path / "full"), _params(killed_dir))
+  _assert_same(_params(cli_run), _params(killed_dir))
+
+
+def test_command_line_names_a_mode_mismatch_on_resume(cli_run, tmp_path, capsys):
+  shutil.copytree(cli_run, tmp_path / "run")
+  args = [a.replace("adapters/mhr.gin", "adapters/poly.gin") for a in CLI_ARGS]
+  capsys.readouterr()
+  assert _main(*args, f"--gin.MODEL_DIR='{tmp_path / 'run'}'") == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: checkpoint does not match the config")
+  assert "mode: checkpoint 'mhr', config 'poly'" in err and "Traceback" not in err
+
+
+def test_command_line_names_damaged_checkpoints_in_one_message(cli_run, tmp_path, capsys):
+  """With every checkpoint damaged the run stops with one message naming them (resuming from the
+  newest intact one when there is one is ``test_damaged_newest_checkpoint_resumes_...``)."""
+  run_dir = tmp_path / "run"
+  shutil.copytree(cli_run, run_dir)
+  ckpts = run_dir / "checkpoints"
+  for step in sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()):
+    meta = ckpts / step / "metadata" / "metadata"
+    meta.write_text(meta.read_text()[:20])
+  capsys.readouterr()
+  assert _main(*CLI_ARGS, f"--gin.MODEL_DIR='{run_dir}'") == 1
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: no intact checkpoint in {ckpts}"), err
+  assert "Traceback" not in err and f"step 8 ({ckpts / '8'})" in err, err
 
 
 def test_backbone_loads_from_hugging_face_directory(tmp_path):
