@@ -1,0 +1,73 @@
+"""The code's shape rules (CONTRIBUTING.md): short functions, short files, mode facts in one table.
+
+Static checks of the source text; they take well under a second.
+"""
+
+import ast
+import pathlib
+import re
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# The benchmark modules are moving out of the library into a package of their own.
+NOT_YET = {"bench.py", "profiling.py"}
+# The synthetic pipeline is being rewritten with its stages as data; until then it keeps its long
+# function and its own mode names.
+PIPELINE = {"experiments.py"}
+MODE_NAMES_ALLOWED = {"modes.py", *PIPELINE, *NOT_YET}
+MAX_FUNCTION_LINES = 60
+MAX_FILE_LINES = 500
+
+
+def _library_files():
+  return sorted(p for p in (REPO / "mhr_jax").rglob("*.py") if p.name not in NOT_YET)
+
+
+def _functions(path):
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      yield node
+
+
+def test_no_long_function_without_a_stated_reason():
+  """A function over 60 lines says why in its docstring (a line starting "Long because")."""
+  long = []
+  for path in _library_files():
+    if path.name in PIPELINE:
+      continue
+    for fn in _functions(path):
+      n_lines = fn.end_lineno - fn.lineno + 1
+      if n_lines > MAX_FUNCTION_LINES and "Long because" not in (ast.get_docstring(fn) or ""):
+        long.append(f"{path.relative_to(REPO)}:{fn.lineno} {fn.name} ({n_lines} lines)")
+  assert not long, long
+
+
+def test_no_long_file():
+  long = [f"{p.relative_to(REPO)} ({n} lines)" for p in _library_files()
+          if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES]
+  assert not long, long
+
+
+# A quoted mode name compared with ``==``/``!=`` or tested with ``in``/``not in`` a literal.
+MODE = r"""["'](?:full|lora|poly|mhr|mhr_z|mhr_mu)["']"""
+COMPARISON = re.compile(rf"(?:==|!=)\s*{MODE}|{MODE}\s*(?:==|!=)|\bin\s*[(\[{{][^)\]}}]*{MODE}")
+
+
+@pytest.mark.parametrize("line,found", [
+    ('if mode == "mhr":', True), ("x = mode in ('poly', 'mhr')", True),
+    ('if "lora" != m:', True), ('cfg = AdapterConfig(mode="mhr")', False),
+    ('modes.get_mode("mhr_z")', False)])
+def test_mode_comparison_pattern(line, found):
+  assert bool(COMPARISON.search(line)) == found
+
+
+def test_mode_names_are_compared_only_in_the_modes_table():
+  hits = []
+  for path in _library_files():
+    if path.name in MODE_NAMES_ALLOWED:
+      continue
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+      if COMPARISON.search(line.split("#")[0]):
+        hits.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
+  assert not hits, hits
