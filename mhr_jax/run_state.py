@@ -76,10 +76,10 @@ def build_state(kind: modes.RunKind, model_dir: pathlib.Path, model_cfg: ModelCo
   table = copies[0][1]
   if jax.process_index() == 0:
     table.save(model_dir / "task_ids.json")  # for people; checkpoints carry their own copy
+  _check_vocabulary(data_cfg, _backbone_config(model_cfg, parent).t5_config())
   mesh = sharding.make_mesh(mesh_cfg)
   rules = sharding.logical_rules(strategy)
   model = build_model(model_cfg, adapter_cfg, table, parent, train_cfg.seed, mesh, rules)
-  _check_vocabulary(data_cfg, model.config)
   graphdef, trainable, frozen = steps.split_model(model, adapters.trainable_filter(mode.name))
   tx, step_fn, rows = _optimizer_and_step(opt_cfg, mode, graphdef, trainable, frozen, train_cfg)
   state = RunState(
@@ -106,6 +106,11 @@ def mode_of(adapter_cfg: Optional[adapters.AdapterConfig]) -> modes.Mode:
 
 def _read_parent(init_from: Optional[str]) -> Optional[dict]:
   return checkpoints.read_metadata(init_from) if init_from else None
+
+
+def _backbone_config(model_cfg: ModelConfig, parent: Optional[dict]) -> ModelConfig:
+  """The backbone the model is built with: a parent run's (of the same config class), if any."""
+  return type(model_cfg)(**parent["model_config"]) if parent else model_cfg
 
 
 def _task_tables(data_cfg: DataConfig, vmap_tasks: bool, parent: Optional[dict]
@@ -160,8 +165,7 @@ def build_model(model_cfg: ModelConfig, adapter_cfg: Optional[adapters.AdapterCo
   transition = mode.transition_from(parent["mode"], parent["path"])
   parent_adapter = parent.get("adapter_config")
   pcfg = adapters.AdapterConfig(**parent_adapter) if parent_adapter else None
-  parent_model_cfg = type(model_cfg)(**parent["model_config"])  # the same config class
-  model = _build_t5(parent_model_cfg, pcfg, seed, mesh, rules)
+  model = _build_t5(_backbone_config(model_cfg, parent), pcfg, seed, mesh, rules)
   checkpoints.restore_into(model, parent["path"], adapters.trainable_filter(parent["mode"]))
   n_new = table.n_tasks - len(parent["task_names"])
   return adapters.start_from(model, transition, n_new, jax.random.key(seed + 3))

@@ -34,7 +34,7 @@ def _assert_reported(status, err, *fragments):
   assert status == 1, err
   assert err.startswith("error: "), err
   assert "Traceback" not in err and "In call to configurable" not in err, err
-  assert len(err.splitlines()) <= 3, err  # the message and the --traceback hint
+  assert len(err.splitlines()) <= 5, err  # the message (gin adds where), the --traceback hint
   for fragment in fragments:
     assert fragment in err, err
 
