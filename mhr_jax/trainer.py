@@ -19,6 +19,7 @@ backbone, and the step is ``jax.vmap``-ed over that axis (``steps.jit_vmapped_tr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -191,27 +192,27 @@ def run(
   if dry_run:
     return {}
   path = _prepare_model_dir(model_dir, run_kind)
-  ckpt = checkpoints.CheckpointManager(str(path / "checkpoints"),
-                                       max_to_keep=train_config.keep_checkpoints)
-  if run_kind.needs_own_checkpoint and ckpt.latest_step() is None:
-    raise errors.CheckpointError(
-        f"kind {run_kind.name!r} needs a checkpoint in {path / 'checkpoints'}")
   optimizer_config = dataclasses.replace(optimizer_config, total_steps=max(train_config.steps, 1))
   data_config.register()
-  state = build_state(run_kind, path, model_config, adapter_config, optimizer_config,
-                      data_config, train_config, mesh_config, sharding_strategy)
-  restore(state, ckpt)
-  reporter = reporting.Reporter(path, train_config.steps, start_step=state.start_step,
-                                enabled=jax.process_index() == 0, prefix=f"{path.name} ")
-  try:
+  with contextlib.ExitStack() as closing:
+    ckpt = checkpoints.CheckpointManager(str(path / "checkpoints"),
+                                         max_to_keep=train_config.keep_checkpoints)
+    closing.callback(ckpt.close)
+    if run_kind.needs_own_checkpoint and ckpt.latest_step() is None:
+      raise errors.CheckpointError(
+          f"kind {run_kind.name!r} needs a checkpoint in {path / 'checkpoints'}")
+    state = build_state(run_kind, path, model_config, adapter_config, optimizer_config,
+                        data_config, train_config, mesh_config, sharding_strategy)
+    restore(state, ckpt)
+    reporter = reporting.Reporter(path, train_config.steps, start_step=state.start_step,
+                                  enabled=jax.process_index() == 0, prefix=f"{path.name} ")
+    closing.callback(reporter.close)
     if state.start_step:
       reporter.note(f"{path}: resumed from its checkpoint at step {state.start_step}")
     t_start = time.perf_counter()
     step, last_loss = train_loop(state, ckpt, data_config, train_config, reporter)
     seconds = time.perf_counter() - t_start
     return finish(state, data_config, reporter, step=step, last_loss=last_loss, seconds=seconds)
-  finally:
-    reporter.close()
 
 
 def _prepare_model_dir(model_dir: str, kind: modes.RunKind) -> pathlib.Path:
