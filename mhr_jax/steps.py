@@ -1,9 +1,10 @@
 """Pure train and eval steps, split from the model at the jit boundary.
 
-The model is split once into ``(graphdef, trainable, frozen)``: ``trainable`` holds the
-variables a filter selects (``nnx.Param`` for full fine-tuning, the adapter's typed params for
-adapter tuning), ``frozen`` everything else, including the backbone and the RNG streams.
-Gradients and optimizer state exist for ``trainable`` only.
+The model is split once into ``(graphdef, trainable, frozen)`` by ``split_model``, the one
+place a model is split: ``trainable`` holds the variables a filter selects (for a run,
+``adapters.trainable_filter(mode)``: the backbone in full fine-tuning, the adapter's typed
+params otherwise), ``frozen`` everything else, including the RNG streams. Gradients and
+optimizer state exist for ``trainable`` only.
 
 RNG: a step takes an explicit ``rng`` key. Inside the step every RNG stream of the merged model
 (dropout, routing noise, ...) is reseeded from it, so a step is a pure function of its

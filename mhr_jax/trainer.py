@@ -40,8 +40,6 @@ import tasks.mixtures  # noqa: E402,F401  (registers the task collections)
 
 log = logging.getLogger("mhr_jax.trainer")
 
-RUN_KINDS = tuple(modes.RUN_KINDS)
-
 
 # ----------------------------------------------------------------------------------------------
 # Configuration (gin configures these and ``run``; nothing deeper).
