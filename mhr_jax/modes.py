@@ -115,6 +115,12 @@ FULL = MODES["full"]
 ADAPTER_MODES = tuple(name for name, m in MODES.items() if m.has_adapters)
 
 
+def modes_starting_from(parent_mode: Optional[str]) -> tuple[str, ...]:
+  """The adapter modes a run may train in when it starts from a run of ``parent_mode``."""
+  return tuple(name for name, m in MODES.items()
+               if m.has_adapters and parent_mode in m.parents)
+
+
 def get_mode(name: str) -> Mode:
   """The mode called ``name``; ``ConfigError`` listing the known ones otherwise."""
   if name not in MODES:

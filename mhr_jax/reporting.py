@@ -45,11 +45,6 @@ class Reporter:
       for k, v in clean.items():
         self._tb.add_scalar(f"{split}/{k}", v, step)
 
-  def note(self, text: str) -> None:
-    """One line for people (a resumed run says from which step), on the console only."""
-    if self.enabled:
-      print(f"{self.prefix}{text}", file=self.stream, flush=True)
-
   def progress(self, step: int, loss: Optional[float] = None) -> None:
     """One console line: step, steps/s, loss and ETA (rewritten in place on a terminal)."""
     if not self.enabled:

@@ -40,14 +40,12 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
+from mhr_jax import modes
+
 SWEEP_FILE = "sweep.json"
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
 DEFAULT_SEEDS = (42, 1024, 0)
-# What a pre-trained run of each mode can be fine-tuned as (as `trainer.build_model` allows).
-METHODS_FROM = {"mhr": ("mhr", "mhr_z", "mhr_mu", "poly"),
-                "poly": ("poly", "mhr", "mhr_z", "mhr_mu"),
-                "lora": ("lora",), "mhr_mu": ("mhr_mu",)}
 # Adapter fields that must match the pre-trained run's (the checkpoint's shapes).
 ADAPTER_SHAPE = ("n_skills", "n_splits", "lora_rank", "lora_alpha", "layers")
 
@@ -104,7 +102,7 @@ def check_request(config: dict, datasets: Sequence[str], seeds: Sequence[int],
                     "has not finished")
   else:
     mode = json.loads(parent_results.read_text()).get("mode")
-    allowed = METHODS_FROM.get(mode, ())
+    allowed = modes.modes_starting_from(mode)
     wrong = [m for m in methods if m not in allowed]
     if wrong:
       problems.append(f"methods {wrong} cannot be fine-tuned from {config['init_from']} (mode "

