@@ -65,10 +65,6 @@ class AdapterParam(nnx.Param):
   """LoRA skill inventory (``lora_a``, ``lora_b``)."""
 
 
-class RoutingAnneal(nnx.Variable):
-  """Weight a of the routed mixture in the optional cosine anneal towards uniform (not trained)."""
-
-
 # The backbone's parameters: everything but what sits in adapter slots.
 BACKBONE = nnx.All(nnx.Param, nnx.Not(nnx.Any(AdapterParam, RouterParam, FrozenRouterParam)))
 # The nnx filter of each parameter group a mode may train (``modes.Mode.trains``).
@@ -92,8 +88,6 @@ class AdapterConfig:
       (split, skill) slice, bound sqrt(S / D)); lora_b = 0 in both.
     relaxed_bernoulli: sample routing with relaxed-Bernoulli noise in training.
     temperature: tau of the relaxed Bernoulli.
-    anneal_steps: > 0 adds a ``RoutingAnneal`` variable per router for the cosine anneal towards
-      uniform weights (set it each step with ``set_anneal``).
     n_frozen_tasks: leading routing rows held as ``FrozenRouterParam``; the state ``add_tasks``
       leaves, so that a fine-tuning checkpoint can be rebuilt before restoring it.
     param_dtype: storage dtype of adapter parameters.
@@ -109,7 +103,6 @@ class AdapterConfig:
   init: str = "authors"
   relaxed_bernoulli: bool = False
   temperature: float = 1.0
-  anneal_steps: int = 0
   n_frozen_tasks: int = 0
   param_dtype: Any = jnp.float32
 
@@ -176,7 +169,7 @@ class Router(nnx.Module):
 
   def __init__(
       self, n_tasks: int, n_splits: int, n_skills: int, *, relaxed_bernoulli: bool = False,
-      temperature: float = 1.0, anneal: bool = False, n_frozen_tasks: int = 0,
+      temperature: float = 1.0, n_frozen_tasks: int = 0,
       param_dtype=jnp.float32, rngs: nnx.Rngs,
   ):
     self.n_splits = n_splits
@@ -189,7 +182,6 @@ class Router(nnx.Module):
     if n_frozen_tasks:
       self.frozen_router_logits = FrozenRouterParam(logits[:n_frozen_tasks], logical_axes=axes_)
     self.router_logits = RouterParam(logits[n_frozen_tasks:], logical_axes=axes_)
-    self.anneal = RoutingAnneal(jnp.ones((), jnp.float32), logical_axes=()) if anneal else None
     self.rngs = nnx.data(None)
     if relaxed_bernoulli:
       seed = rngs["routing"]() if "routing" in rngs else rngs.params()
@@ -213,10 +205,9 @@ class Router(nnx.Module):
     key = None
     if self.relaxed_bernoulli and not deterministic:
       key = self.rngs()
-    factor = None if self.anneal is None else self.anneal[...]
     return routing.routing_weights(
         self.logits(), task_ids, n_splits=self.n_splits, n_skills=self.n_skills, key=key,
-        temperature=self.temperature, anneal_factor_value=factor)
+        temperature=self.temperature)
 
   def task_weights(self, task_id: int) -> Array:
     """Noiseless (evaluation) weights of one task, (S, K)."""
@@ -238,8 +229,8 @@ class RoutedLoRA(nnx.Module):
     self.scale = config.scale
     self.router = Router(
         config.n_tasks, s, k, relaxed_bernoulli=config.relaxed_bernoulli,
-        temperature=config.temperature, anneal=config.anneal_steps > 0,
-        n_frozen_tasks=config.n_frozen_tasks, param_dtype=config.param_dtype, rngs=rngs)
+        temperature=config.temperature, n_frozen_tasks=config.n_frozen_tasks,
+        param_dtype=config.param_dtype, rngs=rngs)
     self.lora_a = AdapterParam(
         _init_lora_a(rngs.params(), s, k, in_dim, r, config.init, config.param_dtype),
         logical_axes=(axes.SPLITS, axes.SKILLS, axes.ADAPTER_IN, axes.RANK))
@@ -400,14 +391,6 @@ def to_mhr_mu(model: nnx.Module):
     if isinstance(layer.adapter, RoutedLoRA):
       layer.adapter = layer.adapter.averaged()
   return model
-
-
-def set_anneal(model: nnx.Module, factor) -> None:
-  """Sets the anneal weight a (see ``routing.anneal_factor``) of every router that has one."""
-  for router in routers(model):
-    if router.anneal is None:
-      raise ValueError("set_anneal: routers were built without anneal (AdapterConfig.anneal_steps)")
-    router.anneal[...] = jnp.asarray(factor, jnp.float32)
 
 
 def merge(model: nnx.Module, task_id: int, *, copy: bool = True):

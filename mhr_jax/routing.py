@@ -22,7 +22,6 @@ example's outputs (and any loss over them) NaN instead of silently using another
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import jax
@@ -115,27 +114,6 @@ def uniform_weights(batch: int, n_splits: int, n_skills: int, dtype=jnp.float32)
   return jnp.full((batch, n_splits, n_skills), 1.0 / n_skills, dtype)
 
 
-def anneal_factor(step, total_steps: int, anneal_steps: int) -> Array:
-  """Weight a of the routed mixture in the anneal towards uniform over the last steps.
-
-  a = 1 before the last ``anneal_steps`` steps, then a = cos(pi/2 * progress) with progress going
-  from 0 to 1 over those steps (authors' code, algorithm.md section 6). ``anneal_steps`` = 0
-  turns the anneal off (a = 1).
-  """
-  if anneal_steps <= 0:
-    return jnp.asarray(1.0, jnp.float32)
-  start = total_steps - anneal_steps
-  progress = jnp.clip((jnp.asarray(step, jnp.float32) - start) / anneal_steps, 0.0, 1.0)
-  return jnp.cos(0.5 * math.pi * progress)
-
-
-def anneal(weights: Array, factor) -> Array:
-  """Moves weights towards uniform: w <- a * w + (1 - a) / K."""
-  n_skills = weights.shape[-1]
-  factor = jnp.asarray(factor, weights.dtype)
-  return factor * weights + (1.0 - factor) / n_skills
-
-
 def routing_weights(
     router_logits: Array,
     task_ids: Array,
@@ -144,22 +122,18 @@ def routing_weights(
     n_skills: int,
     key: Optional[Array] = None,
     temperature: float = 1.0,
-    anneal_factor_value=None,
 ) -> Array:
   """Mixing weights w (B, Q, K) for a batch of task ids.
 
   ``key`` given: relaxed-Bernoulli noise (training); ``key`` None: the noiseless sigmoid path
-  (evaluation, or relaxed Bernoulli off). ``anneal_factor_value`` given: anneal towards uniform.
+  (evaluation, or relaxed Bernoulli off).
   """
   logits = gather_logits(router_logits, task_ids, n_splits, n_skills)
   if key is None:
     s = jax.nn.sigmoid(logits)
   else:
     s = relaxed_bernoulli(key, logits, temperature)
-  w = normalize(s)
-  if anneal_factor_value is not None:
-    w = anneal(w, anneal_factor_value)
-  return w
+  return normalize(s)
 
 
 def mix(weights: Array, lora_a: Array, lora_b: Array) -> tuple[Array, Array]:

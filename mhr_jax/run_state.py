@@ -163,12 +163,23 @@ def build_model(model_cfg: ModelConfig, adapter_cfg: Optional[adapters.AdapterCo
            else None)
     return _build_t5(model_cfg, cfg, seed, mesh, rules)
   transition = mode.transition_from(parent["mode"], parent["path"])
-  parent_adapter = parent.get("adapter_config")
-  pcfg = adapters.AdapterConfig(**parent_adapter) if parent_adapter else None
+  pcfg = parent_adapter_config(parent)
   model = _build_t5(_backbone_config(model_cfg, parent), pcfg, seed, mesh, rules)
   checkpoints.restore_into(model, parent["path"], adapters.trainable_filter(parent["mode"]))
   n_new = table.n_tasks - len(parent["task_names"])
   return adapters.start_from(model, transition, n_new, jax.random.key(seed + 3))
+
+
+def parent_adapter_config(parent: dict) -> Optional[adapters.AdapterConfig]:
+  """The adapter configuration a parent run saved (None for ``full``).
+
+  Checkpoints written before the routing anneal was removed carry ``anneal_steps``; its variables
+  were never checkpointed (nothing set them), so the field is dropped.
+  """
+  saved = parent.get("adapter_config")
+  if not saved:
+    return None
+  return adapters.AdapterConfig(**{k: v for k, v in saved.items() if k != "anneal_steps"})
 
 
 def _check_vocabulary(data_cfg: DataConfig, cfg: network.T5Config) -> None:

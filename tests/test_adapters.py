@@ -288,22 +288,6 @@ def test_add_tasks_keeps_old_rows_frozen_and_old_outputs():
   assert all(r.n_tasks == 1 and r.frozen_router_logits is None for r in adapters.routers(model))
 
 
-def test_anneal_to_uniform():
-  model, _ = make(anneal_steps=10)
-  x, ids = x_and_ids()
-  routed = np.asarray(model.layers[0].adapter(x, ids, deterministic=True))
-  adapters.set_anneal(model, 0.0)
-  ad = model.layers[0].adapter
-  np.testing.assert_allclose(
-      np.asarray(ad(x, ids, deterministic=True)),
-      np.asarray(ad.apply_weights(x, routing.uniform_weights(B, 2, 3))), atol=1e-6)
-  adapters.set_anneal(model, 1.0)
-  np.testing.assert_allclose(np.asarray(ad(x, ids, deterministic=True)), routed, atol=1e-7)
-  plain, _ = make()
-  with pytest.raises(ValueError, match="anneal"):
-    adapters.set_anneal(plain, 0.5)
-
-
 def test_trainable_filters_per_mode():
   model, _ = make()
   n_router = len(PATHS) * 4 * 6

@@ -120,3 +120,19 @@ def test_gin_file_lookup_order(crowded_cwd, monkeypatch):
   assert train.resolve_gin_file("./runs/pretrain.gin") == str(crowded_cwd / "runs" / "pretrain.gin")
   with pytest.raises(FileNotFoundError, match="models/nothere.gin"):
     train.resolve_gin_file("models/nothere.gin")
+
+
+def test_removed_anneal_binding_is_refused(tmp_path):
+  """The routing anneal was removed (no paper run uses it, docs/paper_settings.md); a gin file
+  that still sets it fails at parse time with gin's unknown-parameter error, not silently."""
+  import gin
+  from mhr_jax import errors, train
+
+  old = tmp_path / "old.gin"
+  old.write_text("AdapterConfig.anneal_steps = 100\n")
+  gin.clear_config()
+  try:
+    with pytest.raises(errors.ConfigError, match="anneal_steps"):
+      train.parse_gin([str(old)], [], [])
+  finally:
+    gin.clear_config()

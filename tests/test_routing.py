@@ -109,19 +109,9 @@ def test_delta_kernel_equals_low_rank_product(arrays):
         np.asarray(arrays["x"][i] @ kernel), np.asarray(y[i]), rtol=1e-5, atol=1e-5)
 
 
-def test_uniform_weights_and_anneal():
+def test_uniform_weights():
   w = routing.uniform_weights(2, Q, K)
   np.testing.assert_array_equal(np.asarray(w), np.full((2, Q, K), 1.0 / K, np.float32))
-  assert float(routing.anneal_factor(0, 100, 20)) == 1.0
-  assert float(routing.anneal_factor(80, 100, 20)) == 1.0
-  np.testing.assert_allclose(float(routing.anneal_factor(90, 100, 20)), np.cos(np.pi / 4), 1e-6)
-  np.testing.assert_allclose(float(routing.anneal_factor(100, 100, 20)), 0.0, atol=1e-6)
-  assert float(routing.anneal_factor(50, 100, 0)) == 1.0
-  w = jnp.asarray([[[0.7, 0.2, 0.1]]])
-  np.testing.assert_allclose(np.asarray(routing.anneal(w, 0.0)), np.full((1, 1, 3), 1 / 3), 1e-6)
-  np.testing.assert_allclose(np.asarray(routing.anneal(w, 1.0)), np.asarray(w), 1e-7)
-  np.testing.assert_allclose(
-      np.asarray(routing.anneal(w, 0.5)), 0.5 * np.asarray(w) + 0.5 / 3, 1e-6)
 
 
 def test_check_task_ids_raises_naming_bad_ids():
