@@ -334,11 +334,13 @@ class HostBatches:
     rows: the rows of the global batch this process holds (``sharding.host_batch_rows``).
     data_shards: shards the data is split into; they must tile ``rows`` exactly.
     start_batch: global batches already consumed.
+    n_choices: given, T-Few batches of `MultipleChoiceIterator` instead (``global_batch_size``
+      and ``rows`` then count examples; each gives ``n_choices`` rows).
   """
 
   def __init__(self, name: str, table: TaskIdTable, feature_lengths: Mapping[str, int],
                global_batch_size: int, *, rows: slice, data_shards: int, seed: int = 0,
-               start_batch: int = 0):
+               start_batch: int = 0, n_choices: Optional[int] = None):
     if data_shards < 1 or global_batch_size % data_shards:
       raise ValueError(f"data_shards={data_shards} must divide the global batch size "
                        f"{global_batch_size}")
@@ -349,9 +351,15 @@ class HostBatches:
         f"{global_batch_size}, which {data_shards} data shards of {per_shard} rows do not tile: "
         f"make data_shards a multiple of the number of processes")
     self.shards = tuple(range(rows.start // per_shard, rows.stop // per_shard))
-    self._iters = [BatchIterator(name, table, feature_lengths, per_shard, seed=seed,
-                                 start_batch=start_batch, shard_index=i, num_shards=data_shards)
-                   for i in self.shards]
+    if n_choices:
+      self._iters = [MultipleChoiceIterator(name, table, feature_lengths, per_shard, n_choices,
+                                            seed=seed, start_batch=start_batch, shard_index=i,
+                                            num_shards=data_shards)
+                     for i in self.shards]
+    else:
+      self._iters = [BatchIterator(name, table, feature_lengths, per_shard, seed=seed,
+                                   start_batch=start_batch, shard_index=i, num_shards=data_shards)
+                     for i in self.shards]
     self.position = start_batch
 
   def __iter__(self) -> "HostBatches":
@@ -572,6 +580,9 @@ def multiple_choice_rows(
 def max_choices(name: str, split: str = "train") -> int:
   """The largest number of answer choices of any example of a task or mixture's split."""
   ds = get_examples(name, split)
+  if not {"answer_choices", "label"} <= set(ds.element_spec):
+    raise ValueError(f"{name!r} ({split}) has no answer_choices / label features: not a "
+                     "multiple-choice task")
   most = 0
   for ex in ds.as_numpy_iterator():
     most = max(most, len(ex["answer_choices"]))

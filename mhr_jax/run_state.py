@@ -43,6 +43,8 @@ class RunState:
     metadata: the checkpoints' metadata (``checkpoints.make_metadata``).
     counts: parameter counts (``adapters.parameter_counts``).
     start_step: the step the loop starts from (after ``restore``).
+    n_choices: answer choices per example of the T-Few batches (``TrainConfig.loss`` "tfew");
+      None for the LM loss.
   """
 
   kind: modes.RunKind
@@ -60,6 +62,7 @@ class RunState:
   metadata: dict
   counts: dict
   start_step: int = 0
+  n_choices: Optional[int] = None
 
 
 def build_state(kind: modes.RunKind, model_dir: pathlib.Path, model_cfg: ModelConfig,
@@ -73,6 +76,7 @@ def build_state(kind: modes.RunKind, model_dir: pathlib.Path, model_cfg: ModelCo
   parent = _read_parent(train_cfg.init_from)
   modes.check_start(kind, mode, parent is not None)
   copies = _task_tables(data_cfg, train_cfg.vmap_tasks, parent)
+  n_choices = _n_choices(copies) if kind.trains and train_cfg.loss == "tfew" else None
   table = copies[0][1]
   if jax.process_index() == 0:
     table.save(model_dir / "task_ids.json")  # for people; checkpoints carry their own copy
@@ -81,12 +85,13 @@ def build_state(kind: modes.RunKind, model_dir: pathlib.Path, model_cfg: ModelCo
   rules = sharding.logical_rules(strategy)
   model = build_model(model_cfg, adapter_cfg, table, parent, train_cfg.seed, mesh, rules)
   graphdef, trainable, frozen = steps.split_model(model, adapters.trainable_filter(mode.name))
-  tx, step_fn, rows = _optimizer_and_step(opt_cfg, mode, graphdef, trainable, frozen, train_cfg)
+  tx, step_fn, rows = _optimizer_and_step(opt_cfg, mode, graphdef, trainable, frozen, train_cfg,
+                                          n_choices)
   state = RunState(
       kind=kind, mode=mode, model_dir=model_dir, copies=copies, vmapped=train_cfg.vmap_tasks,
       graphdef=graphdef, trainable=trainable, frozen=frozen, opt_state=None, step_fn=step_fn,
       mesh=mesh, batch_sharding=None, metadata={},
-      counts=adapters.parameter_counts(model, mode.name))
+      counts=adapters.parameter_counts(model, mode.name), n_choices=n_choices)
   _shard_and_jit(state, tx, mesh, rules)
   state.metadata = checkpoints.make_metadata(
       mode=mode.name, task_table=table.as_dict(), trainable=state.trainable,
@@ -202,7 +207,25 @@ def _adapter_dict(cfg: adapters.AdapterConfig, table: data.TaskIdTable) -> dict:
   return out
 
 
-def _loss(train_cfg: TrainConfig):
+def _n_choices(copies) -> int:
+  """Answer choices per example of the T-Few batches: the most any training example has (one
+  value for every copy, so that vmapped copies' batches stack)."""
+  try:
+    return max(data.max_choices(name, "train") for name, _ in copies)
+  except ValueError as e:
+    raise errors.ConfigError(f"TrainConfig.loss='tfew' needs multiple-choice examples: {e}") from e
+
+
+def _loss(train_cfg: TrainConfig, n_choices: Optional[int] = None):
+  """The training loss ``(model, batch) -> (loss, metrics)`` that ``TrainConfig.loss`` selects."""
+  if train_cfg.loss == "tfew":
+    def tfew(model, batch):
+      return models.tfew_loss_fn(model, batch, n_choices, deterministic=False,
+                                 length_norm=train_cfg.length_norm,
+                                 mc_weight=train_cfg.mc_loss,
+                                 unlikely_weight=train_cfg.unlikely_loss)
+    return tfew
+
   def loss(model, batch):
     return models.loss_fn(model, batch, deterministic=False,
                           label_smoothing=train_cfg.label_smoothing,
@@ -211,10 +234,11 @@ def _loss(train_cfg: TrainConfig):
 
 
 def _optimizer_and_step(opt_cfg: optimizers.OptimizerConfig, mode: modes.Mode, graphdef,
-                        trainable, frozen, train_cfg: TrainConfig):
+                        trainable, frozen, train_cfg: TrainConfig, n_choices: Optional[int]):
   """``(optimizer, unjitted step, row_sparse?)``: the row-sparse routing update where the
-  config asks for it and the model has routing tables, else an optax optimizer and its step."""
-  loss = _loss(train_cfg)
+  config asks for it and the model has routing tables, else an optax optimizer and its step.
+  ``n_choices``: the T-Few batches' choices per example (``TrainConfig.loss`` "tfew")."""
+  loss = _loss(train_cfg, n_choices)
   if row_sparse.applies(opt_cfg, trainable):
     row_sparse.check_support(frozen, vmap_tasks=train_cfg.vmap_tasks)
     tx = row_sparse.RowSparseOptimizer(opt_cfg, trainable)

@@ -127,8 +127,15 @@ class TrainConfig:
     log_every: steps between logged training metrics.
     keep_checkpoints: checkpoints kept on disk.
     seed: seeds initialisation, data order, dropout and routing noise.
-    label_smoothing: of the token loss.
-    loss_normalization: "tokens" or "batch" (see ``models.cross_entropy_loss``).
+    label_smoothing: of the token loss ("lm" only).
+    loss_normalization: "tokens" or "batch" (see ``models.cross_entropy_loss``; "lm" only).
+    loss: "lm", the token cross-entropy of the targets, or "tfew", the T-Few losses of
+      multiple-choice fine-tuning (``models.tfew_loss_fn``: LM on the gold choice +
+      ``mc_loss`` x length-normalised choice loss + ``unlikely_loss`` x unlikelihood of the
+      wrong choices), trained on ``data.MultipleChoiceIterator`` batches of a mixture whose
+      examples carry ``answer_choices`` and ``label`` (the T0 tasks).
+    mc_loss, length_norm, unlikely_loss: the T-Few weights, named as in the authors'
+      ``t0/<dataset>.json`` (all 1 there); read with ``loss="tfew"`` only.
     vmap_tasks: fine-tune each task of the mixture in its own copy, in one vmapped program.
     init_from: the model directory of the run this one starts from (fine-tuning, zero-shot, and
       evaluating a run that started from one); ``modes`` says which modes may start from which.
@@ -144,6 +151,21 @@ class TrainConfig:
   loss_normalization: str = "tokens"
   vmap_tasks: bool = False
   init_from: Optional[str] = None
+  loss: str = "lm"
+  mc_loss: float = 1.0
+  length_norm: float = 1.0
+  unlikely_loss: float = 1.0
+
+  def __post_init__(self):
+    if self.loss not in LOSSES:
+      raise errors.ConfigError(f"TrainConfig.loss={self.loss!r}: choose one of {LOSSES}")
+    if self.loss == "tfew" and self.label_smoothing:
+      raise errors.ConfigError(
+          f"TrainConfig.label_smoothing={self.label_smoothing} applies to the LM loss only; the "
+          "T-Few losses (loss='tfew') are unsmoothed")
+
+
+LOSSES = ("lm", "tfew")
 
 
 gin.external_configurable(adapters.AdapterConfig, module="mhr_jax")
@@ -261,11 +283,12 @@ def train_loop(state: RunState, ckpt: checkpoints.CheckpointManager, data_cfg: D
   rows = sharding.host_batch_rows(state.mesh, data_cfg.batch_size)
   iters = [data.HostBatches(name, table, data_cfg.feature_lengths, data_cfg.batch_size,
                             rows=rows, data_shards=data_cfg.data_shards or jax.process_count(),
-                            seed=train_cfg.seed, start_batch=step)
+                            seed=train_cfg.seed, start_batch=step, n_choices=state.n_choices)
            for name, table in state.copies]
+  keys = data.BATCH_KEYS + (("is_correct",) if state.n_choices else ())
   base_key = jax.random.key(train_cfg.seed)
   while step < train_cfg.steps:
-    host = [next(it) for it in iters]
+    host = [{k: b[k] for k in keys} for b in (next(it) for it in iters)]
     # Vmapped: [copies, B, ...] host arrays, one batch per task.
     host = jax.tree.map(lambda *xs: np.stack(xs), *host) if state.vmapped else host[0]
     batch = data.to_global(host, state.batch_sharding)
@@ -281,9 +304,9 @@ def train_loop(state: RunState, ckpt: checkpoints.CheckpointManager, data_cfg: D
           f"checkpoint (step {ckpt.latest_step()}) is intact")
     last = step == train_cfg.steps
     if step % train_cfg.log_every == 0 or last:
-      last_loss = float(np.mean(np.asarray(metrics["loss"])))
-      reporter.scalars(step, {"loss": last_loss,
-                              "grad_norm": float(np.mean(np.asarray(metrics["grad_norm"])))})
+      logged = {k: float(np.mean(np.asarray(v))) for k, v in metrics.items() if k != "is_finite"}
+      last_loss = logged["loss"]
+      reporter.scalars(step, logged)
       reporter.progress(step, last_loss)
     if step % train_cfg.checkpoint_every == 0 or last:
       ckpt.save(step, state.trainable, state.opt_state, data_position=step,

@@ -1,0 +1,172 @@
+"""The T0 few-shot preset trains with the T-Few losses (TrainConfig.loss = "tfew").
+
+A tiny MHR run pre-trains on the synthetic mixture, then ``experiments/t0_fewshot/rte.gin`` (with
+``overlays/cpu_tiny.gin``) fine-tunes it on a small RTE fixture written here in ``tasks/t0.py``'s
+layout: two templates, eight few-shot rows, four validation rows and a SentencePiece model trained
+on the fixture's text. The seqio registries are copied for the test, so the fixture's RTE tasks
+do not collide with the ones other tests register from ``../shared/data``.
+"""
+
+import json
+import math
+
+import gin
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import seqio
+from flax import nnx
+
+from mhr_jax import adapters, errors, models, network, optimizers, run_state, train, trainer
+from tasks import t0
+
+TEMPLATES = """dataset: super_glue
+subset: rte
+templates:
+  t1: !Template
+    answer_choices: yes ||| no
+    id: t1
+    jinja: '{{premise}} Does this mean that "{{hypothesis}}" is true? ||| {{ answer_choices[label] }}'
+    metadata: !TemplateMetadata
+      original_task: true
+    name: does this imply
+  t2: !Template
+    answer_choices: true ||| false
+    id: t2
+    jinja: '{{premise}} Question: {{hypothesis}} True or False? ||| {{ answer_choices[label] }}'
+    metadata: !TemplateMetadata
+      original_task: true
+    name: true or false
+"""
+PREMISES = ["the cat sat on the mat", "a dog ran in the park", "it rained all day",
+            "she read a long book", "the sun is hot", "birds can fly", "he ate an apple",
+            "the shop was closed"]
+
+
+def _write_fixture(root):
+  """tasks/t0.py's layout for RTE alone, and a tokenizer trained on its text."""
+  import sentencepiece as spm
+
+  rows = [{"premise": p, "hypothesis": p.split()[-1] + " is here", "label": i % 2}
+          for i, p in enumerate(PREMISES)]
+  shots = root / "t0_heldout" / "fewshot" / "rte" / "32_shot"
+  shots.mkdir(parents=True)
+  (shots / "42_seed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  val = root / "t0_heldout" / "eval" / "super_glue" / "RTE"
+  val.mkdir(parents=True)
+  names = ["entailment", "not_entailment"]
+  (val / "val.jsonl").write_text("".join(
+      json.dumps({**r, "label": names[r["label"]]}) + "\n" for r in rows[:4]))
+  tpl = root / "promptsource_templates" / "super_glue" / "rte"
+  tpl.mkdir(parents=True)
+  (tpl / "templates.yaml").write_text(TEMPLATES)
+  (root / "tokenizer").mkdir()
+  text = root / "tokenizer" / "text.txt"
+  text.write_text("\n".join(PREMISES + ["Does this mean that is true? Question: True or False? "
+                                        "yes no true false is here"]) + "\n")
+  spm.SentencePieceTrainer.train(
+      input=str(text), model_prefix=str(root / "tokenizer" / "spiece"), vocab_size=64,
+      model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False)
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch):
+  """The seqio registries and tasks.t0's registration records, restored after the test."""
+  monkeypatch.setattr(seqio.TaskRegistry, "_REGISTRY", dict(seqio.TaskRegistry._REGISTRY))
+  monkeypatch.setattr(seqio.MixtureRegistry, "_REGISTRY", dict(seqio.MixtureRegistry._REGISTRY))
+  monkeypatch.setattr(t0, "_DATASETS_DONE", {})
+  monkeypatch.setattr(t0, "_CALLS", {})
+  monkeypatch.delenv("MHR_SPM_PATH", raising=False)
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def _parent(model_dir):
+  """A 1-step MHR pre-training run with the preset's adapter structure on the tiny model."""
+  return trainer.run(
+      kind="pretrain", model_dir=str(model_dir),
+      model_config=trainer.ModelConfig(size="tiny", overrides={"vocab_size": 259}),
+      adapter_config=adapters.AdapterConfig(mode="mhr", n_skills=8, n_splits=64, lora_rank=1,
+                                             layers="t0"),
+      optimizer_config=optimizers.OptimizerConfig(learning_rate=1e-2),
+      data_config=trainer.DataConfig(mixture="synthetic_pretrain",
+                                     feature_lengths={"inputs": 32, "targets": 32}, batch_size=8),
+      train_config=trainer.TrainConfig(steps=1, checkpoint_every=1, log_every=1))
+
+
+@pytest.mark.slow  # two runs and an evaluation: ~2-4 minutes on 2 shared cores
+def test_rte_fewshot_preset_trains_with_the_tfew_losses(tmp_path, isolated_registry):
+  data_dir = tmp_path / "t0"
+  _write_fixture(data_dir)
+  _parent(tmp_path / "parent")
+  run_dir = tmp_path / "rte"
+  train.parse_gin(
+      ["experiments/t0_fewshot/rte.gin", "overlays/cpu_tiny.gin"],
+      [f"MODEL_DIR='{run_dir}'", f"INIT_FROM='{tmp_path / 'parent'}'",
+       f"T0_DATA_DIR='{data_dir}'", "TRAIN_STEPS=2"], [])
+  assert gin.get_bindings("run")["train_config"].loss == "tfew"
+  results = train.main_entry()
+
+  train_lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  train_lines = [r for r in train_lines if r["split"] == "train"]
+  assert [r["step"] for r in train_lines] == [1, 2]
+  for r in train_lines:
+    # The loss the step minimised is LM + MC + UL (weights 1 in the preset): an LM-only step
+    # would log neither term, and its loss would equal lm_loss.
+    # (UL, -log(1 - p + 0.01), is slightly negative where the wrong choices are unlikely.)
+    assert r["mc_loss"] > 0.1 and r["unlikely_loss"] != 0
+    assert math.isclose(r["loss"], r["lm_loss"] + r["mc_loss"] + r["unlikely_loss"],
+                        rel_tol=1e-5)
+    assert r["loss"] > r["lm_loss"] + 0.1
+    assert 0.0 <= r["accuracy"] <= 1.0
+  assert results["final_loss"] == train_lines[-1]["loss"]
+  # One routing row for the dataset, after the parent's tasks; every template evaluated.
+  table = json.loads((run_dir / "task_ids.json").read_text())["tasks"]
+  assert max(table, key=table.get) == "t0_rte_fewshot"
+  templates = [t.name for t in seqio.get_mixture_or_task("t0_rte_fewshot_eval").tasks]
+  assert len(templates) == 2 and sorted(results["eval"]) == sorted(templates)
+  assert all(r["n_examples"] == 4 for r in results["eval"].values())
+
+
+def test_tfew_loss_needs_choice_examples_and_no_label_smoothing(tmp_path):
+  with pytest.raises(errors.ConfigError, match="label_smoothing=0.1"):
+    trainer.TrainConfig(loss="tfew", label_smoothing=0.1)
+  with pytest.raises(errors.ConfigError, match="'ce'"):
+    trainer.TrainConfig(loss="ce")
+  with pytest.raises(errors.ConfigError, match="multiple-choice"):
+    trainer.run(
+        kind="pretrain", model_dir=str(tmp_path / "run"),
+        model_config=trainer.ModelConfig(size="tiny", overrides={"vocab_size": 259}),
+        adapter_config=adapters.AdapterConfig(mode="poly", n_skills=2, lora_rank=1),
+        data_config=trainer.DataConfig(mixture="synthetic_pretrain", batch_size=8),
+        train_config=trainer.TrainConfig(steps=1, loss="tfew"))
+
+
+def test_train_config_loss_selects_the_step_loss():
+  """``TrainConfig.loss`` picks the loss the step minimises: "tfew" gives the T-Few sum with the
+  configured weights on a multiple-choice batch, "lm" the token cross-entropy (which differs)."""
+  cfg = network.preset("tiny", vocab_size=32, dropout_rate=0.0, num_layers=1)
+  model = network.T5(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(3)
+  n_choices = 2
+  inputs = np.repeat(rng.integers(2, 32, size=(2, 6)), n_choices, axis=0)  # [B, Li] -> [B*C, Li]
+  targets = rng.integers(2, 32, size=(4, 4))
+  targets[:, 3] = 1
+  batch = {"encoder_input_tokens": jnp.asarray(inputs, jnp.int32),
+           "decoder_target_tokens": jnp.asarray(targets, jnp.int32),
+           "decoder_input_tokens": models.shift_right(jnp.asarray(targets, jnp.int32)),
+           "is_correct": jnp.array([1, 0, 0, 1])}
+  tfew = run_state._loss(trainer.TrainConfig(loss="tfew", mc_loss=0.5, unlikely_loss=2.0),
+                         n_choices)
+  lm = run_state._loss(trainer.TrainConfig())
+
+  @nnx.jit
+  def losses(model, batch):  # one compiled program: op-by-op dispatch is slower on CPU
+    return tfew(model, batch), lm(model, batch)
+
+  (got, metrics), (lm_loss, _) = losses(model, batch)
+  want = metrics["lm_loss"] + 0.5 * metrics["mc_loss"] + 2.0 * metrics["unlikely_loss"]
+  assert float(got) == pytest.approx(float(want), rel=1e-6)
+  assert float(metrics["mc_loss"]) > 0.1
+  assert abs(float(got) - float(lm_loss)) > 0.1
