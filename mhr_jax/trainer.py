@@ -86,6 +86,9 @@ class DataConfig:
     t0_data_dir: registers the T0 held-out tasks from this folder (``tasks.t0.register_t0``).
     super_ni_dir: registers Super-NaturalInstructions from this folder
       (``tasks.super_ni.register_super_ni``).
+    p3_data_dir: registers the T0 training mixture ``p3_t0_train`` from this P3 folder
+      (``tasks.p3.register_p3``); ``$MHR_P3_DIR`` does the same when ``tasks.mixtures`` is
+      imported (both naming different folders is an error).
     data_shards: shards the training data is split into (None: one per process). The global
       batches depend on it, not on the number of processes (``data.HostBatches``).
   """
@@ -101,6 +104,7 @@ class DataConfig:
   eval_num_beams: int = 1
   t0_data_dir: Optional[str] = None
   super_ni_dir: Optional[str] = None
+  p3_data_dir: Optional[str] = None
   data_shards: Optional[int] = None
 
   def register(self) -> None:
@@ -113,6 +117,10 @@ class DataConfig:
       from tasks import super_ni
 
       super_ni.register_super_ni(self.super_ni_dir)
+    if self.p3_data_dir:
+      from tasks import p3
+
+      p3.register_p3(self.p3_data_dir)
 
 
 @gin.configurable
@@ -211,9 +219,11 @@ def run(
   run_kind = modes.get_kind(kind)
   if dry_run:
     return {}
+  # Registered first, so that the written operative config holds the registrations' bindings
+  # (register_t0.shots, ...): gin lists a configurable only once it has been called.
+  data_config.register()
   path = _prepare_model_dir(model_dir, run_kind)
   optimizer_config = dataclasses.replace(optimizer_config, total_steps=max(train_config.steps, 1))
-  data_config.register()
   with contextlib.ExitStack() as closing:
     ckpt = checkpoints.CheckpointManager(str(path / "checkpoints"),
                                          max_to_keep=train_config.keep_checkpoints)

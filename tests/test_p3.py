@@ -137,3 +137,13 @@ def test_bad_shards_are_named(tmp_path):
     p3._read_tfrecord(folder, "train", p3.split_files(folder, "train")[1])
   with pytest.raises(FileNotFoundError, match="no validation split"):
     p3.split_files(folder, "validation")
+
+
+def test_data_config_p3_data_dir_registers_from_its_folder(root, names):
+  """DataConfig.p3_data_dir reaches register_p3 (here the whole training list, which the fixture
+  folder lacks, so the error names that folder)."""
+  from mhr_jax import trainer
+
+  cfg = trainer.DataConfig(mixture=p3.MIXTURE, p3_data_dir=str(root))
+  with pytest.raises(FileNotFoundError, match=f"P3 directory {root} holds no config"):
+    cfg.register()

@@ -127,6 +127,10 @@ def test_rte_fewshot_preset_trains_with_the_tfew_losses(tmp_path, isolated_regis
   templates = [t.name for t in seqio.get_mixture_or_task("t0_rte_fewshot_eval").tasks]
   assert len(templates) == 2 and sorted(results["eval"]) == sorted(templates)
   assert all(r["n_examples"] == 4 for r in results["eval"].values())
+  # The written operative config holds the preset's registration bindings and the loss.
+  written = (run_dir / "config.gin").read_text()
+  assert "register_t0.shots = 32" in written and "register_t0.datasets = ['rte']" in written
+  assert "TrainConfig.loss = 'tfew'" in written or "loss = 'tfew'" in written
 
 
 def test_tfew_loss_needs_choice_examples_and_no_label_smoothing(tmp_path):
