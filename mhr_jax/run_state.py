@@ -75,6 +75,8 @@ def build_state(kind: modes.RunKind, model_dir: pathlib.Path, model_cfg: ModelCo
   kind.check_mode(mode)
   parent = _read_parent(train_cfg.init_from)
   modes.check_start(kind, mode, parent is not None)
+  if parent is not None:
+    check_structure_against_parent(adapter_cfg, parent)
   copies = _task_tables(data_cfg, train_cfg.vmap_tasks, parent)
   n_choices = _n_choices(copies) if kind.trains and train_cfg.loss == "tfew" else None
   table = copies[0][1]
@@ -185,6 +187,37 @@ def parent_adapter_config(parent: dict) -> Optional[adapters.AdapterConfig]:
   if not saved:
     return None
   return adapters.AdapterConfig(**{k: v for k, v in saved.items() if k != "anneal_steps"})
+
+
+# Adapter structure a run takes from the checkpoint it starts from (the authors' pl_finetune.py
+# ARGS_TO_OVERWRITE: lora_rank, lora_alpha, modify_layers, n_skills, n_splits, ...). The counts
+# are compared only when the mode stays the same: a mode transition may change them.
+STRUCTURE = ("lora_rank", "lora_alpha", "layers")
+STRUCTURE_SAME_MODE = ("n_skills", "n_splits")
+
+
+def check_structure_against_parent(adapter_cfg: Optional[adapters.AdapterConfig],
+                                   parent: dict) -> None:
+  """Refuses a run whose own adapter structure contradicts the checkpoint it starts from.
+
+  The model is rebuilt with the parent's adapter configuration (``build_model``), as the authors
+  carry these arguments over from the checkpoint. A value of the run that equals the
+  ``AdapterConfig`` default counts as unset and the checkpoint's applies; any other value that
+  differs from the checkpoint's is an error naming both, since it cannot apply to the restored
+  parameters.
+  """
+  pcfg = parent_adapter_config(parent)
+  if adapter_cfg is None or pcfg is None:
+    return
+  fields = STRUCTURE + (STRUCTURE_SAME_MODE if adapter_cfg.mode == pcfg.mode else ())
+  defaults = adapters.AdapterConfig()
+  for name in fields:
+    ours, theirs = getattr(adapter_cfg, name), getattr(pcfg, name)
+    if ours != theirs and ours != getattr(defaults, name):
+      raise errors.ConfigError(
+          f"AdapterConfig.{name}={ours!r}, but the checkpoint this run starts from "
+          f"({parent['path']}) was trained with {name}={theirs!r}; a fine-tuning run takes its "
+          f"adapter structure from the checkpoint: drop the setting or set it to {theirs!r}")
 
 
 def _check_vocabulary(data_cfg: DataConfig, cfg: network.T5Config) -> None:

@@ -201,6 +201,24 @@ def test_modes_start_only_from_their_parents(poly_run, tmp_path):
     _run(tmp_path / "zs", kind="zeroshot", mode="mhr", init_from=str(poly_run))
 
 
+def test_structure_conflicting_with_the_checkpoint_is_named(poly_run, tmp_path):
+  """A fine-tuning run's adapter structure comes from its checkpoint (rank 2, 4 skills here); a
+  value set against it names both."""
+  def finetune(**cfg):
+    trainer.run(
+        kind="finetune", model_dir=str(tmp_path / "ft"),
+        model_config=trainer.ModelConfig(size="tiny", overrides=TINY),
+        adapter_config=adapters.AdapterConfig(mode="poly", layers="super_ni", **cfg),
+        data_config=trainer.DataConfig(mixture="synthetic_heldout", feature_lengths=LENGTHS,
+                                       batch_size=8),
+        train_config=trainer.TrainConfig(steps=1, init_from=str(poly_run)))
+
+  with pytest.raises(errors.ConfigError, match=r"lora_rank=3.*trained with lora_rank=2"):
+    finetune(n_skills=4, lora_rank=3)
+  with pytest.raises(errors.ConfigError, match=r"n_skills=6.*trained with n_skills=4"):
+    finetune(n_skills=6, lora_rank=2)
+
+
 # The command line, as the README runs it, on the CPU overlay.
 CLI_ARGS = ["--gin_file=runs/pretrain.gin", "--gin_file=models/t5_1_1_tiny.gin",
             "--gin_file=adapters/mhr.gin", "--gin_file=overlays/cpu_tiny.gin",
