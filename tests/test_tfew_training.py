@@ -174,3 +174,22 @@ def test_train_config_loss_selects_the_step_loss():
   assert float(got) == pytest.approx(float(want), rel=1e-6)
   assert float(metrics["mc_loss"]) > 0.1
   assert abs(float(got) - float(lm_loss)) > 0.1
+
+
+def test_template_evaluation_tasks_carry_the_fewshot_routing_name(tmp_path, isolated_registry):
+  """Every per-template evaluation task of a few-shot preset (EVAL_TASKS t0_rte_fewshot_eval)
+  carries task_name = t0_rte_fewshot, the one routing row the dataset was fine-tuned in (the
+  authors give every example ds_id=0); the plain per-template tasks keep their own names."""
+  from mhr_jax import data
+
+  _write_fixture(tmp_path)
+  t0.register_t0(tmp_path, datasets=["rte"], shots=32)
+  evals = seqio.get_mixture_or_task(t0.fewshot_eval_mixture("rte")).tasks
+  assert len(evals) == 2
+  for task in evals:
+    names = {ex["task_name"] for ex in data.get_examples(task.name, "validation")
+             .as_numpy_iterator()}
+    assert names == {b"t0_rte_fewshot"}, task.name
+  plain = seqio.get_mixture_or_task("t0_rte").tasks[0].name
+  assert {ex["task_name"] for ex in data.get_examples(plain, "validation").as_numpy_iterator()
+          } == {plain.encode()}
