@@ -1,23 +1,25 @@
 """The train step with the autodiff cross-entropy against ``models.token_nll``, side by side.
 
-  PYTHONPATH=. python docs/bench/loss_ab.py small2 8
+  python docs/bench/loss_ab.py small2 8
 
 Builds the same MHR step twice, once with the loss written as log_softmax + take_along_axis
 (what autodiff differentiates) and once with ``models.cross_entropy_loss``, checks that both
 give the same loss, and times them in turn; prints the medians and their ratio.
 """
 
-import os
+import pathlib
 import statistics
 import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repository root
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from mhr_jax import bench, models  # noqa: E402
+from benchmarks.configs import StepConfig  # noqa: E402
+from benchmarks.jax_runner import ours_step  # noqa: E402
+from mhr_jax import models  # noqa: E402
 
 
 def autodiff_cross_entropy(logits, targets, weights, *, label_smoothing=0.0,
@@ -30,22 +32,20 @@ def autodiff_cross_entropy(logits, targets, weights, *, label_smoothing=0.0,
 
 
 def main(shape: str, rounds: int):
-  cfg = bench.StepConfig(shape=shape, method="mhr")
+  cfg = StepConfig(shape=shape, method="mhr")
   written = models.cross_entropy_loss
   runs = []
   for loss in (autodiff_cross_entropy, written):
     models.cross_entropy_loss = loss  # read by models.loss_fn when the step is traced
-    model, tfilter, (inputs, targets, task_ids) = bench.build_ours(cfg)
-    step, trainable, frozen, opt_state = bench.make_train_step(model, tfilter)
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-        trainable, opt_state, frozen, inputs, targets, task_ids, jax.random.key(0)).compile()
-    state = {"t": trainable, "o": opt_state}
+    s = ours_step(cfg)
+    key = jax.random.key(0)
+    compiled = jax.jit(s.train_step, donate_argnums=(0, 2)).lower(
+        s.trainable, s.frozen, s.opt_state, s.batch, key).compile()
+    state = {"t": s.trainable, "o": s.opt_state}
 
-    def run(compiled=compiled, state=state, frozen=frozen, inputs=inputs, targets=targets,
-            task_ids=task_ids):
-      state["t"], state["o"], value = compiled(state["t"], state["o"], frozen, inputs, targets,
-                                               task_ids, jax.random.key(0))
-      return float(value)
+    def run(compiled=compiled, state=state, s=s, key=key):
+      state["t"], state["o"], metrics = compiled(state["t"], s.frozen, state["o"], s.batch, key)
+      return float(metrics["loss"])
 
     runs.append(run)
   models.cross_entropy_loss = written

@@ -2,39 +2,41 @@
 
 Run it twice, plain and with transparent huge pages for malloc, and compare:
 
-  PYTHONPATH=. python docs/bench/page_faults.py
-  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 PYTHONPATH=. python docs/bench/page_faults.py
+  python docs/bench/page_faults.py
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python docs/bench/page_faults.py
 
 Prints the median over 4 rounds of wall time, minor page faults, and kernel and user CPU seconds.
 """
 
 import os
+import pathlib
 import resource
 import statistics
+import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repository root
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from mhr_jax import bench  # noqa: E402
+from benchmarks.configs import StepConfig  # noqa: E402
+from benchmarks.jax_runner import make_batch, ours_step  # noqa: E402
 
 
 def main():
-  cfg = bench.StepConfig(shape="small2", method="mhr", n_tasks=1, single_task=True)
-  model, tfilter, _ = bench.build_ours(cfg)
-  step, trainable, frozen, opt_state = bench.make_train_step(model, tfilter)
-  inputs, targets, task_ids = (jnp.asarray(x) for x in bench.make_batch_np(cfg, 1, lead=(8,)))
-  jstep = jax.jit(step, donate_argnums=(0, 1))
-  states = [{"t": jax.tree.map(jnp.copy, trainable), "o": jax.tree.map(jnp.copy, opt_state)}
+  cfg = StepConfig(shape="small2", method="mhr", n_tasks=1, single_task=True)
+  s = ours_step(cfg)
+  batch = make_batch(cfg, 1, lead=(8,))
+  jstep = jax.jit(s.train_step, donate_argnums=(0, 2))
+  states = [{"t": jax.tree.map(jnp.copy, s.trainable), "o": jax.tree.map(jnp.copy, s.opt_state)}
             for _ in range(8)]
   key = jax.random.key(0)
 
   def round_():
     for j, st in enumerate(states):
-      st["t"], st["o"], _ = jstep(st["t"], st["o"], frozen, inputs[j], targets[j], task_ids[j],
-                                  key)
+      task_batch = jax.tree.map(lambda x, j=j: x[j], batch)
+      st["t"], st["o"], _ = jstep(st["t"], s.frozen, st["o"], task_batch, key)
     jax.block_until_ready([st["t"] for st in states])
 
   round_()

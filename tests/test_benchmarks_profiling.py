@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mhr_jax import profiling
+from benchmarks import profiling
 
 
 def _matmul_then_tanh():
