@@ -237,19 +237,51 @@ class RoutedLoRA(nnx.Module):
     self.lora_b = AdapterParam(
         jnp.zeros((s, k, r, out_dim // s), config.param_dtype),
         logical_axes=(axes.SPLITS, axes.SKILLS, axes.RANK, axes.ADAPTER_OUT))
+    # Every example of a batch is declared to have the same task (``set_single_task``): static,
+    # so the layer mixes one adapter per call without checking the batch's task ids.
+    self.single_task = False
+
+  def _inventory(self, dtype) -> tuple[Array, Array]:
+    return self.lora_a[...].astype(dtype), self.lora_b[...].astype(dtype)
 
   def apply_weights(self, x: Array, weights: Array) -> Array:
-    """The output change for given mixing weights (B, S, K); x is (B, ..., D)."""
-    dtype = x.dtype
+    """The output change for per-example mixing weights (B, S, K); x is (B, ..., D).
+
+    Takes the cheaper exact path for the shapes (``routing.mixed_delta``).
+    """
     lead = x.shape[:-1]
     x3 = x.reshape(lead[0], -1, self.in_dim)  # (B, ..., D) -> (B, L, D)
-    a, b = routing.mix(
-        weights.astype(dtype), self.lora_a[...].astype(dtype), self.lora_b[...].astype(dtype))
-    y = routing.low_rank_delta(x3, a, b, self.scale)
+    a, b = self._inventory(x.dtype)
+    y = routing.mixed_delta(x3, weights.astype(x.dtype), a, b, self.scale)
+    return y.reshape(*lead, self.out_dim)  # (B, L, O) -> (B, ..., O)
+
+  def apply_shared(self, x: Array, weights: Array, row_factor: Optional[Array] = None) -> Array:
+    """The output change when every example has the weights (S, K): one mixed adapter, applied
+    as plain LoRA. ``row_factor`` (B,) multiplies each example's rank-r projection."""
+    lead = x.shape[:-1]
+    x3 = x.reshape(lead[0], -1, self.in_dim)  # (B, ..., D) -> (B, L, D)
+    a_t, b = routing.mix_shared(weights.astype(x.dtype), *self._inventory(x.dtype))
+    y = routing.low_rank_delta_batched(x3, a_t, b, self.scale, row_factor)
     return y.reshape(*lead, self.out_dim)  # (B, L, O) -> (B, ..., O)
 
   def __call__(self, x: Array, task_ids: Optional[Array], *, deterministic: bool) -> Array:
-    return self.apply_weights(x, self.router(task_ids, deterministic=deterministic))
+    """The output change for a batch: one mixed adapter when every example shares its task
+    (declared by ``single_task``, or found by comparing the ids), else per-example mixing."""
+    weights = self.router(task_ids, deterministic=deterministic)  # (B, S, K)
+    if self.router.relaxed_bernoulli and not deterministic:
+      return self.apply_weights(x, weights)  # fresh noise per example: no two share weights
+    if weights.shape[0] == 1:
+      return self.apply_shared(x, weights[0])
+    same = jnp.asarray(task_ids) == jnp.asarray(task_ids)[0]  # (B,)
+    if self.single_task:
+      # Declared: no check, but an example of another task gets NaN outputs, never another
+      # task's adapter.
+      return self.apply_shared(x, weights[0], jnp.where(same, 1.0, jnp.nan).astype(x.dtype))
+    if routing.is_concrete(same):
+      return (self.apply_shared(x, weights[0]) if bool(jnp.all(same))
+              else self.apply_weights(x, weights))
+    return jax.lax.cond(jnp.all(same), lambda: self.apply_shared(x, weights[0]),
+                        lambda: self.apply_weights(x, weights))
 
   def delta_kernel(self, task_id: int) -> Array:
     """(D, O) change of the dense kernel for one task (noiseless routing)."""
@@ -291,12 +323,11 @@ class LoRA(nnx.Module):
 
   def __call__(self, x: Array, task_ids: Optional[Array] = None, *, deterministic: bool) -> Array:
     del task_ids, deterministic
-    dtype = x.dtype
-    # (..., D) x (D, r) -> (..., r)
-    h = jnp.einsum("...d,dr->...r", x, self.lora_a[...].astype(dtype))
-    # (..., r) x (r, O) -> (..., O)
-    y = jnp.einsum("...r,ro->...o", h, self.lora_b[...].astype(dtype))
-    return y * jnp.asarray(self.scale, dtype)
+    dtype, lead = x.dtype, x.shape[:-1]
+    x3 = x.reshape(lead[0] if lead else 1, -1, self.in_dim)  # (B, ..., D) -> (B, L, D)
+    a_t = self.lora_a[...].astype(dtype).T  # (D, r) -> (r, D)
+    y = routing.low_rank_delta_batched(x3, a_t, self.lora_b[...].astype(dtype), self.scale)
+    return y.reshape(*lead, self.out_dim)  # (B, L, O) -> (B, ..., O)
 
   def delta_kernel(self, task_id: int = 0) -> Array:
     del task_id
@@ -329,6 +360,28 @@ def adapter_slots(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
     if isinstance(node, nnx.Module) and isinstance(getattr(node, "adapter", None),
                                                    (RoutedLoRA, LoRA)):
       yield "/".join(str(p) for p in path), node
+
+
+def set_single_task(model: nnx.Module, value: bool = True) -> nnx.Module:
+  """Declares (or stops declaring) that every batch the model sees has one task, so each routed
+  layer mixes one adapter per call without comparing task ids (see ``RoutedLoRA.__call__``);
+  for fine-tuning on one task and vmapped per-task copies. In place; returns ``model``."""
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, RoutedLoRA):
+      node.single_task = value
+  return model
+
+
+def single_task_loss(loss_fn):
+  """``loss_fn(model, batch)`` for a run whose every batch holds one task: it declares so
+  (``set_single_task``) on the model it is given, which a train step merges afresh at every
+  trace, before computing the loss."""
+
+  def loss(model, batch):
+    set_single_task(model)
+    return loss_fn(model, batch)
+
+  return loss
 
 
 def routers(model: nnx.Module) -> list[Router]:

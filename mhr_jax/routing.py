@@ -14,6 +14,18 @@ Follows the authors' code for "Multi-Head Adapter Routing for Cross-Task General
 Einsum letters as in ``mhr_jax.axes``: T tasks, K skills, Q splits, R rank, B batch, L length,
 D input features, O output features. No flax here: modules live in ``mhr_jax.adapters``.
 
+Three exact ways to compute the layer's output change, cheapest first where each applies:
+
+  shared      every example has the same weights (a single-task batch without routing noise):
+              mix A and B once, then plain LoRA's low-rank product (``mix_shared``);
+  parameters  mix A_b and B_b per example, then per-example low-rank products
+              (``mix_per_example``);
+  skills      project x through every skill's A_k, weight the (B, L, Q, K, R) projections, and
+              the same for B (``skills_delta``); cheaper than ``parameters`` only for very short
+              inputs (a decoding step, L = 1), where mixing B*K full matrices dominates.
+``mixed_path`` picks between the last two from a FLOP and byte count of the layer's shapes;
+the first two apply their matrices through ``low_rank_delta_batched``.
+
 Task ids: JAX gathers clamp out-of-range indices silently. ``check_task_ids`` is the eager guard
 for concrete arrays (it raises); inside ``jit`` the ids are traced and cannot raise, so
 ``gather_logits`` turns the routing row of any out-of-range id into NaN, which makes that
@@ -186,10 +198,136 @@ def delta_kernel(weights: Array, lora_a: Array, lora_b: Array, scale: float) -> 
     lora_b: (Q, K, R, O/Q).
     scale: alpha / r.
   """
-  a, b = mix(weights[None], lora_a, lora_b)
-  n_splits, d_split, rank = a.shape[1:]
-  a = a.reshape(n_splits * d_split, rank)  # (1, Q, D/Q, R) -> (D, R)
-  b = jnp.transpose(b[0], (1, 0, 2))  # (Q, R, O/Q) -> (R, Q, O/Q)
+  a_t, b = mix_shared(weights, lora_a, lora_b)
+  # (R, D) x (R, O) -> (D, O)
+  return jnp.einsum("rd,ro->do", a_t, b) * jnp.asarray(scale, a_t.dtype)
+
+
+def mix_shared(weights: Array, lora_a: Array, lora_b: Array) -> tuple[Array, Array]:
+  """One mixed adapter for weights shared by every example.
+
+  Args:
+    weights: w, shape (Q, K).
+    lora_a: (Q, K, D/Q, R).
+    lora_b: (Q, K, R, O/Q).
+
+  Returns:
+    A transposed, (R, D), with the splits concatenated along D, and B (R, O) with them along O
+    (the layout of ``low_rank_delta_batched``).
+  """
+  rank = lora_a.shape[-1]
+  # (Q, K) x (Q, K, D/Q, R) -> (R, Q, D/Q)
+  a_t = jnp.einsum("qk,qkdr->rqd", weights, lora_a)
+  a_t = a_t.reshape(rank, -1)  # (R, Q, D/Q) -> (R, D)
+  # (Q, K) x (Q, K, R, O/Q) -> (R, Q, O/Q)
+  b = jnp.einsum("qk,qkro->rqo", weights, lora_b)
   b = b.reshape(rank, -1)  # (R, Q, O/Q) -> (R, O)
-  # (D, R) x (R, O) -> (D, O)
-  return jnp.einsum("dr,ro->do", a, b) * jnp.asarray(scale, a.dtype)
+  return a_t, b
+
+
+def mix_per_example(weights: Array, lora_a: Array, lora_b: Array) -> tuple[Array, Array]:
+  """``mix`` in the layout of ``low_rank_delta_batched``: A_b^T (B, R, D) and B_b (B, R, O)."""
+  bsz = weights.shape[0]
+  rank = lora_a.shape[-1]
+  # (B, Q, K) x (Q, K, D/Q, R) -> (B, R, Q, D/Q)
+  a_t = jnp.einsum("bqk,qkdr->brqd", weights, lora_a)
+  a_t = a_t.reshape(bsz, rank, -1)  # (B, R, Q, D/Q) -> (B, R, D)
+  # (B, Q, K) x (Q, K, R, O/Q) -> (B, R, Q, O/Q)
+  b = jnp.einsum("bqk,qkro->brqo", weights, lora_b)
+  b = b.reshape(bsz, rank, -1)  # (B, R, Q, O/Q) -> (B, R, O)
+  return a_t, b
+
+
+def low_rank_delta_batched(x: Array, a_t: Array, b: Array, scale: float,
+                           row_factor: Optional[Array] = None) -> Array:
+  """(x_b A_b) B_b * scale as B batched products of L rows each.
+
+  Batched per example, with A transposed, even when every example has the same adapter: the
+  weight gradients then come out as (R, D) = dh_b^T x_b and (R, O) = h_b^T dy_b per example,
+  which XLA's CPU backend runs several times faster than the (D, R) gradient of one
+  (B*L, D) x (D, R) product (``docs/benchmarks.md``).
+
+  Args:
+    x: inputs (B, L, D).
+    a_t: A_b transposed, (B, R, D), or (R, D) shared by every example.
+    b: B_b (B, R, O), or (R, O) shared.
+    scale: alpha / r, folded into the (R, O) matrices rather than applied to the output.
+    row_factor: optional (B,) factor on each example's rank-r projection (the NaN guard of an
+      example whose task differs from the one a batch was declared to share).
+
+  Returns:
+    The change of the layer's output, (B, L, O).
+  """
+  bsz = x.shape[0]
+  b = b * jnp.asarray(scale, b.dtype)
+  if a_t.ndim == 2:
+    a_t = jnp.broadcast_to(a_t, (bsz,) + a_t.shape)  # (R, D) -> (B, R, D)
+    b = jnp.broadcast_to(b, (bsz,) + b.shape)  # (R, O) -> (B, R, O)
+  # (B, L, D) x (B, R, D) -> (B, L, R)
+  h = jnp.einsum("bld,brd->blr", x, a_t)
+  if row_factor is not None:
+    h = h * row_factor[:, None, None]
+  # (B, L, R) x (B, R, O) -> (B, L, O)
+  return jnp.einsum("blr,bro->blo", h, b)
+
+
+def skills_delta(x: Array, weights: Array, lora_a: Array, lora_b: Array, scale: float) -> Array:
+  """The same output change by projecting through every skill, then weighting.
+
+  Args:
+    x: inputs (B, L, D).
+    weights: w (B, Q, K).
+    lora_a: (Q, K, D/Q, R).
+    lora_b: (Q, K, R, O/Q).
+    scale: alpha / r.
+  """
+  bsz, length, d_in = x.shape
+  n_splits = lora_a.shape[0]
+  xs = x.reshape(bsz, length, n_splits, d_in // n_splits)  # (B, L, D) -> (B, L, Q, D/Q)
+  # (B, L, Q, D/Q) x (Q, K, D/Q, R) -> (B, L, Q, K, R): every skill's projection
+  hk = jnp.einsum("blqd,qkdr->blqkr", xs, lora_a)
+  # (B, L, Q, K, R) x (B, Q, K) -> (B, L, R)
+  h = jnp.einsum("blqkr,bqk->blr", hk, weights)
+  # (B, L, R) x (B, Q, K) -> (B, L, Q, K, R)
+  hw = jnp.einsum("blr,bqk->blqkr", h, weights)
+  # (B, L, Q, K, R) x (Q, K, R, O/Q) -> (B, L, Q, O/Q)
+  y = jnp.einsum("blqkr,qkro->blqo", hw, lora_b * jnp.asarray(scale, lora_b.dtype))
+  return y.reshape(bsz, length, -1)  # (B, L, Q, O/Q) -> (B, L, O)
+
+
+# FLOPs one byte of memory traffic costs, roughly a CPU's peak FLOP rate over its memory
+# bandwidth; it weighs the two counts of ``path_costs`` against each other.
+FLOPS_PER_BYTE = 8.0
+
+
+def path_costs(*, d_in: int, d_out: int, n_skills: int, n_splits: int, rank: int, batch: int,
+               length: int, itemsize: int = 4) -> dict[str, float]:
+  """Forward cost of the ``parameters`` and ``skills`` paths of a mixed-task batch: FLOPs plus
+  ``FLOPS_PER_BYTE`` x the bytes each reads and writes (inventory, intermediates, x and y)."""
+  d, o, k, q, r, n = d_in, d_out, n_skills, n_splits, rank, batch * length
+  inventory = k * r * (d + o)
+  io = n * d + 2 * n * r + n * o  # read x, write and read h, write y
+  params_flops = 2 * batch * k * r * (d + o) + 2 * n * r * (d + o)
+  params_bytes = inventory + 2 * batch * r * (d + o) + io  # mixed A_b, B_b written and read
+  skills_flops = 2 * n * k * r * (d + o) + 4 * n * q * k * r
+  skills_bytes = inventory + 4 * n * q * k * r + io  # (B, L, Q, K, R) twice, written and read
+  return {"parameters": params_flops + FLOPS_PER_BYTE * itemsize * params_bytes,
+          "skills": skills_flops + FLOPS_PER_BYTE * itemsize * skills_bytes}
+
+
+def mixed_path(x_shape: tuple[int, ...], lora_a_shape: tuple[int, ...], d_out: int,
+               itemsize: int = 4) -> str:
+  """``"parameters"`` or ``"skills"``: the cheaper path for a mixed-task batch of this shape."""
+  bsz, length, d_in = x_shape
+  n_splits, n_skills, _, rank = lora_a_shape
+  costs = path_costs(d_in=d_in, d_out=d_out, n_skills=n_skills, n_splits=n_splits, rank=rank,
+                     batch=bsz, length=length, itemsize=itemsize)
+  return min(costs, key=costs.get)
+
+
+def mixed_delta(x: Array, weights: Array, lora_a: Array, lora_b: Array, scale: float) -> Array:
+  """The output change (B, L, O) of per-example weights w (B, Q, K), by the cheaper exact path."""
+  d_out = lora_b.shape[0] * lora_b.shape[-1]
+  if mixed_path(x.shape, lora_a.shape, d_out, x.dtype.itemsize) == "skills":
+    return skills_delta(x, weights, lora_a, lora_b, scale)
+  return low_rank_delta_batched(x, *mix_per_example(weights, lora_a, lora_b), scale)
