@@ -87,8 +87,12 @@ def build_state(kind: modes.RunKind, model_dir: pathlib.Path, model_cfg: ModelCo
   rules = sharding.logical_rules(strategy)
   model = build_model(model_cfg, adapter_cfg, table, parent, train_cfg.seed, mesh, rules)
   graphdef, trainable, frozen = steps.split_model(model, adapters.trainable_filter(mode.name))
+  # Batches of a one-task mixture (or of one copy per task) hold one task: routed layers then
+  # mix one adapter per call instead of one per example.
+  single_task = (train_cfg.vmap_tasks
+                 or data.TaskIdTable.from_mixture(data_cfg.mixture).n_tasks == 1)
   tx, step_fn, rows = _optimizer_and_step(opt_cfg, mode, graphdef, trainable, frozen, train_cfg,
-                                          n_choices)
+                                          n_choices, single_task=single_task)
   state = RunState(
       kind=kind, mode=mode, model_dir=model_dir, copies=copies, vmapped=train_cfg.vmap_tasks,
       graphdef=graphdef, trainable=trainable, frozen=frozen, opt_state=None, step_fn=step_fn,
@@ -267,11 +271,16 @@ def _loss(train_cfg: TrainConfig, n_choices: Optional[int] = None):
 
 
 def _optimizer_and_step(opt_cfg: optimizers.OptimizerConfig, mode: modes.Mode, graphdef,
-                        trainable, frozen, train_cfg: TrainConfig, n_choices: Optional[int]):
+                        trainable, frozen, train_cfg: TrainConfig, n_choices: Optional[int],
+                        *, single_task: bool = False):
   """``(optimizer, unjitted step, row_sparse?)``: the row-sparse routing update where the
   config asks for it and the model has routing tables, else an optax optimizer and its step.
-  ``n_choices``: the T-Few batches' choices per example (``TrainConfig.loss`` "tfew")."""
+  ``n_choices``: the T-Few batches' choices per example (``TrainConfig.loss`` "tfew").
+  ``single_task``: every batch holds one task, declared to the routed layers
+  (``adapters.single_task_loss``)."""
   loss = _loss(train_cfg, n_choices)
+  if single_task:
+    loss = adapters.single_task_loss(loss)
   if row_sparse.applies(opt_cfg, trainable):
     row_sparse.check_support(frozen, vmap_tasks=train_cfg.vmap_tasks)
     tx = row_sparse.RowSparseOptimizer(opt_cfg, trainable)
