@@ -16,9 +16,10 @@ Measurements (``--only`` takes these names; ``plan.MEASUREMENTS`` lists their jo
             ``mhr`` (K skills, S splits) at each shape, ours and PEFT's, each in its own process:
             ours / PEFT tokens/s, MHR / LoRA and MHR / none, fraction of peak, peak memory.
   versus    the same steps, ours and PEFT's in turn in one process (the side-by-side ratio).
-  profile   where the step time goes, ours and PEFT's, no adapter and MHR: seconds per step in
-            matmuls (with their FLOP rate), elementwise ops, copies / transposes, gathers /
-            scatters and unattributed time (``benchmarks.profiling``).
+  profile   where the step time goes, ours and PEFT's, no adapter, LoRA and MHR (pre-training
+            and fine-tuning batches): seconds per step in matmuls (with their FLOP rate),
+            elementwise ops, copies / transposes, gathers / scatters and unattributed time
+            (``benchmarks.profiling``).
   routing   per shape and rank: no adapter, LoRA, Poly and MHR (S = 8, 64) on pre-training
             (mixed-task) and fine-tuning (single-task) batches, ours and PEFT's, all stepped in
             turn in one process: each step over its own no-adapter step, and ours / PEFT.

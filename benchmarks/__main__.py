@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--shapes", default=None, help="comma-separated step shapes (small,base)")
   parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
   parser.add_argument("--ranks", default=None, help="comma-separated ranks of 'routing' (1,8)")
+  parser.add_argument("--threads", type=int, default=None,
+                      help="torch's CPU threads (default: torch's own); for JAX's, run the "
+                           "command under `taskset`")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   return parser
 
@@ -38,6 +41,8 @@ def _plan(args) -> plan.Plan:
     p = dataclasses.replace(p, steps=args.steps)
   if args.ranks:
     p = dataclasses.replace(p, routing_ranks=tuple(int(r) for r in args.ranks.split(",")))
+  if args.threads:
+    p = dataclasses.replace(p, threads=args.threads)
   return p
 
 

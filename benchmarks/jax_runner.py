@@ -56,6 +56,8 @@ def build_ours(cfg: StepConfig, seed: int = 0) -> tuple[network.T5, Any]:
   acfg = adapter_config(cfg)
   model = network.T5(t5cfg, rngs=nnx.Rngs(seed),
                      adapter_factory=adapters.make_adapter_factory(acfg))
+  if cfg.single_task:  # as the trainer declares it for one-task runs
+    adapters.set_single_task(model)
   return model, adapters.trainable_filter(acfg.mode)
 
 

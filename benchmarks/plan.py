@@ -78,11 +78,23 @@ def _versus(plan: Plan) -> list[Job]:
           for shape in plan.shapes for m in STEP_METHODS]
 
 
+# ``profile``'s configurations: no adapter, LoRA, and MHR (S = 8) on pre-training and on
+# fine-tuning batches (ours without routing noise there, as in ``routing_entries``).
+PROFILE_METHODS = (dict(method="none"), dict(method="lora"), dict(method="mhr", n_splits=8),
+                   dict(method="mhr", n_splits=8, single_task=True))
+
+
 def _profile(plan: Plan) -> list[Job]:
-  return [dict(kind="profile", impl=impl, config=plan.config(shape, **m), steps=plan.steps,
-               threads=plan.threads)
-          for shape in plan.shapes for m in (dict(method="none"), dict(method="mhr", n_splits=8))
-          for impl in ("ours", "peft")]
+  jobs = []
+  for shape in plan.shapes:
+    for m in PROFILE_METHODS:
+      for impl in ("ours", "peft"):
+        config = plan.config(shape, **m)
+        if impl == "ours" and m.get("single_task"):
+          config["routing_noise"] = False
+        jobs.append(dict(kind="profile", impl=impl, config=config, steps=plan.steps,
+                         threads=plan.threads))
+  return jobs
 
 
 def routing_entries(plan: Plan, shape: str, rank: int) -> list[dict[str, Any]]:
