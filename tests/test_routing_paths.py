@@ -28,12 +28,6 @@ def _arrays(shape, seed=0, same_task=False):
               b=rng.normal(size=(q, k, r, o // q)).astype(np.float32))
 
 
-def _per_example(v, scale=0.5):
-  """The path the layer had before the others: ``mix`` then ``low_rank_delta``."""
-  a_b, b_b = routing.mix(jnp.asarray(v["w"]), jnp.asarray(v["a"]), jnp.asarray(v["b"]))
-  return np.asarray(routing.low_rank_delta(jnp.asarray(v["x"]), a_b, b_b, scale))
-
-
 def _numpy(v, scale=0.5):
   """Per example: concatenate the split-wise mixtures into (D, r) and (r, O) and multiply."""
   x, w, a, b = (np.asarray(v[k], np.float64) for k in ("x", "w", "a", "b"))
@@ -45,59 +39,57 @@ def _numpy(v, scale=0.5):
   return np.stack(out)
 
 
+@jax.jit
+def _paths(x, w, a, b, dy):
+  """Output change and its gradients with respect to (w, A, B), by every path at once."""
+  def per_example(w, a, b):  # the path the layer had before the others: mix, low_rank_delta
+    return routing.low_rank_delta(x, *routing.mix(w, a, b), 0.5)
+
+  paths = dict(
+      per_example=per_example,
+      parameters=lambda w, a, b: routing.low_rank_delta_batched(
+          x, *routing.mix_per_example(w, a, b), 0.5),
+      skills=lambda w, a, b: routing.skills_delta(x, w, a, b, 0.5),
+      chosen=lambda w, a, b: routing.mixed_delta(x, w, a, b, 0.5),
+      shared=lambda w, a, b: routing.low_rank_delta_batched(
+          x, *routing.mix_shared(w[0], a, b), 0.5))
+  out = {}
+  for name, f in paths.items():
+    y, vjp = jax.vjp(f, w, a, b)
+    out[name] = (y,) + vjp(dy)
+  return out
+
+
 def _close(got, want):
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_parameter_and_skill_paths_equal_the_per_example_path(shape):
+def test_every_path_equals_the_per_example_path_in_value_and_gradient(shape):
+  dy = np.random.default_rng(2).normal(size=shape[:2] + (shape[3],)).astype(np.float32)
+  # Mixed tasks: the parameter and skill paths (and the cost model's choice).
   v = _arrays(shape)
-  want = _per_example(v)
-  np.testing.assert_allclose(want, _numpy(v), rtol=1e-5, atol=1e-5)
-  args = (jnp.asarray(v["x"]), jnp.asarray(v["w"]), jnp.asarray(v["a"]), jnp.asarray(v["b"]))
-  _close(np.asarray(routing.skills_delta(*args, 0.5)), want)
-  a_t, b_b = routing.mix_per_example(*args[1:])
-  _close(np.asarray(routing.low_rank_delta_batched(args[0], a_t, b_b, 0.5)), want)
-  _close(np.asarray(routing.mixed_delta(*args, 0.5)), want)
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_shared_path_equals_the_per_example_path_on_one_task(shape):
-  v = _arrays(shape, same_task=True)
-  a, b = routing.mix_shared(jnp.asarray(v["w"][0]), jnp.asarray(v["a"]), jnp.asarray(v["b"]))
-  _close(np.asarray(routing.low_rank_delta_batched(jnp.asarray(v["x"]), a, b, 0.5)), _per_example(v))
-  # A NaN row factor poisons exactly that example.
-  guard = jnp.asarray([1.0] * (shape[0] - 1) + [np.nan], jnp.float32)
-  y = np.asarray(routing.low_rank_delta_batched(jnp.asarray(v["x"]), a, b, 0.5, guard))
-  assert np.isnan(y[-1]).all() and np.isfinite(y[:-1]).all()
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_gradients_of_every_path_are_equal(shape):
+  out = _paths(v["x"], v["w"], v["a"], v["b"], dy)
+  want = out["per_example"]
+  np.testing.assert_allclose(want[0], _numpy(v), rtol=1e-5, atol=1e-5)
+  for path in ("parameters", "skills", "chosen"):
+    for got, ref in zip(out[path], want):
+      _close(np.asarray(got), np.asarray(ref))
+  # One task: the shared path; the weights' gradient of every example lands on the one row.
   v = _arrays(shape, seed=1, same_task=True)
-  x, w, a, b = (jnp.asarray(v[k]) for k in ("x", "w", "a", "b"))
-  proj = jnp.asarray(np.random.default_rng(2).normal(size=(shape[0], shape[1], shape[3])),
-                     jnp.float32)
+  out = _paths(v["x"], v["w"], v["a"], v["b"], dy)
+  (y, gw, ga, gb), want = out["shared"], out["per_example"]
+  for got, ref in ((y, want[0]), (ga, want[2]), (gb, want[3]), (gw[0], want[1].sum(0))):
+    _close(np.asarray(got), np.asarray(ref))
+  assert not np.asarray(gw[1:]).any()
 
-  def loss(path):
-    def f(w, a, b):
-      if path == "shared":
-        return jnp.sum(routing.low_rank_delta_batched(x, *routing.mix_shared(w[0], a, b), 0.5) * proj)
-      if path == "skills":
-        return jnp.sum(routing.skills_delta(x, w, a, b, 0.5) * proj)
-      a_b, b_b = routing.mix(w, a, b)
-      return jnp.sum(routing.low_rank_delta(x, a_b, b_b, 0.5) * proj)
-    return f
 
-  want = jax.grad(loss("per_example"), argnums=(1, 2))(w, a, b)
-  for path in ("shared", "skills"):
-    got = jax.grad(loss(path), argnums=(1, 2))(w, a, b)
-    for g, ref in zip(got, want):
-      _close(np.asarray(g), np.asarray(ref))
-  # The weight gradient: every example's (per-example path) lands on the shared row.
-  gw = jax.grad(loss("per_example"))(w, a, b)
-  gw_shared = jax.grad(loss("shared"))(w, a, b)
-  _close(np.asarray(gw_shared[0]), np.asarray(gw).sum(0))
+def test_row_factor_poisons_exactly_its_example():
+  v = _arrays(SHAPES[1], same_task=True)
+  a_t, b = routing.mix_shared(jnp.asarray(v["w"][0]), jnp.asarray(v["a"]), jnp.asarray(v["b"]))
+  guard = jnp.asarray([1.0, np.nan, 1.0], jnp.float32)
+  y = np.asarray(routing.low_rank_delta_batched(jnp.asarray(v["x"]), a_t, b, 0.5, guard))
+  assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
 
 
 def test_cost_model_picks_skills_only_for_short_inputs():
@@ -149,8 +141,8 @@ def test_layer_under_jit_finds_single_task_batches(ids):
     y = _reference_delta(m, x, ids) if reference else m(x, ids, deterministic=True)
     return jnp.sum(y * proj)
 
-  got = jax.jit(jax.grad(loss), static_argnums=1)(params, False)
-  want = jax.grad(loss)(params, True)
+  grads = jax.jit(jax.grad(loss), static_argnums=1)
+  got, want = grads(params, False), grads(params, True)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     _close(np.asarray(g), np.asarray(w))
 
