@@ -261,7 +261,7 @@ class RoutedLoRA(nnx.Module):
     lead = x.shape[:-1]
     x3 = x.reshape(lead[0], -1, self.in_dim)  # (B, ..., D) -> (B, L, D)
     a_t, b = routing.mix_shared(weights.astype(x.dtype), *self._inventory(x.dtype))
-    y = routing.low_rank_delta_batched(x3, a_t, b, self.scale, row_factor)
+    y = routing.shared_delta(x3, a_t, b, self.scale, row_factor)
     return y.reshape(*lead, self.out_dim)  # (B, L, O) -> (B, ..., O)
 
   def __call__(self, x: Array, task_ids: Optional[Array], *, deterministic: bool) -> Array:
@@ -326,7 +326,7 @@ class LoRA(nnx.Module):
     dtype, lead = x.dtype, x.shape[:-1]
     x3 = x.reshape(lead[0] if lead else 1, -1, self.in_dim)  # (B, ..., D) -> (B, L, D)
     a_t = self.lora_a[...].astype(dtype).T  # (D, r) -> (r, D)
-    y = routing.low_rank_delta_batched(x3, a_t, self.lora_b[...].astype(dtype), self.scale)
+    y = routing.shared_delta(x3, a_t, self.lora_b[...].astype(dtype), self.scale)
     return y.reshape(*lead, self.out_dim)  # (B, L, O) -> (B, ..., O)
 
   def delta_kernel(self, task_id: int = 0) -> Array:

@@ -17,14 +17,14 @@ D input features, O output features. No flax here: modules live in ``mhr_jax.ada
 Three exact ways to compute the layer's output change, cheapest first where each applies:
 
   shared      every example has the same weights (a single-task batch without routing noise):
-              mix A and B once, then plain LoRA's low-rank product (``mix_shared``);
+              mix A and B once, then plain LoRA's low-rank product (``mix_shared``,
+              ``shared_delta``);
   parameters  mix A_b and B_b per example, then per-example low-rank products
-              (``mix_per_example``);
+              (``mix_per_example``, ``low_rank_delta_batched``);
   skills      project x through every skill's A_k, weight the (B, L, Q, K, R) projections, and
               the same for B (``skills_delta``); cheaper than ``parameters`` only for very short
               inputs (a decoding step, L = 1), where mixing B*K full matrices dominates.
-``mixed_path`` picks between the last two from a FLOP and byte count of the layer's shapes;
-the first two apply their matrices through ``low_rank_delta_batched``.
+``mixed_path`` picks between the last two from a FLOP and byte count of the layer's shapes.
 
 Task ids: JAX gathers clamp out-of-range indices silently. ``check_task_ids`` is the eager guard
 for concrete arrays (it raises); inside ``jit`` the ids are traced and cannot raise, so
@@ -213,7 +213,7 @@ def mix_shared(weights: Array, lora_a: Array, lora_b: Array) -> tuple[Array, Arr
 
   Returns:
     A transposed, (R, D), with the splits concatenated along D, and B (R, O) with them along O
-    (the layout of ``low_rank_delta_batched``).
+    (the layout of ``shared_delta``).
   """
   rank = lora_a.shape[-1]
   # (Q, K) x (Q, K, D/Q, R) -> (R, Q, D/Q)
@@ -238,37 +238,54 @@ def mix_per_example(weights: Array, lora_a: Array, lora_b: Array) -> tuple[Array
   return a_t, b
 
 
-def low_rank_delta_batched(x: Array, a_t: Array, b: Array, scale: float,
-                           row_factor: Optional[Array] = None) -> Array:
-  """(x_b A_b) B_b * scale as B batched products of L rows each.
+def shared_delta(x: Array, a_t: Array, b: Array, scale: float,
+                 row_factor: Optional[Array] = None) -> Array:
+  """(x A) B * scale with one adapter for every example: plain LoRA's two products.
 
-  Batched per example, with A transposed, even when every example has the same adapter: the
-  weight gradients then come out as (R, D) = dh_b^T x_b and (R, O) = h_b^T dy_b per example,
-  which XLA's CPU backend runs several times faster than the (D, R) gradient of one
-  (B*L, D) x (D, R) product (``docs/benchmarks.md``).
+  A is carried transposed, (R, D), behind an optimization barrier (so that XLA does not fold
+  a transpose of a (D, R) matrix back into the product): its gradient then comes out as
+  dh^T x, (R, D), which XLA's CPU backend runs several times faster than the x^T dh of a
+  (D, R) layout (``docs/bench/layer_forms.py``).
 
   Args:
     x: inputs (B, L, D).
-    a_t: A_b transposed, (B, R, D), or (R, D) shared by every example.
-    b: B_b (B, R, O), or (R, O) shared.
-    scale: alpha / r, folded into the (R, O) matrices rather than applied to the output.
+    a_t: A transposed, (R, D).
+    b: B (R, O).
+    scale: alpha / r, folded into B rather than applied to the (B, L, O) output.
     row_factor: optional (B,) factor on each example's rank-r projection (the NaN guard of an
       example whose task differs from the one a batch was declared to share).
 
   Returns:
     The change of the layer's output, (B, L, O).
   """
-  bsz = x.shape[0]
-  b = b * jnp.asarray(scale, b.dtype)
-  if a_t.ndim == 2:
-    a_t = jnp.broadcast_to(a_t, (bsz,) + a_t.shape)  # (R, D) -> (B, R, D)
-    b = jnp.broadcast_to(b, (bsz,) + b.shape)  # (R, O) -> (B, R, O)
+  bsz, length, d_in = x.shape
+  x2 = x.reshape(bsz * length, d_in)  # (B, L, D) -> (B*L, D)
+  a_t = jax.lax.optimization_barrier(a_t)
+  # (B*L, D) x (R, D) -> (B*L, R)
+  h = jnp.einsum("nd,rd->nr", x2, a_t)
+  if row_factor is not None:
+    h = h * jnp.repeat(row_factor, length)[:, None]
+  # (B*L, R) x (R, O) -> (B*L, O)
+  y = jnp.einsum("nr,ro->no", h, b * jnp.asarray(scale, b.dtype))
+  return y.reshape(bsz, length, -1)  # (B*L, O) -> (B, L, O)
+
+
+def low_rank_delta_batched(x: Array, a_t: Array, b: Array, scale: float) -> Array:
+  """(x_b A_b) B_b * scale per example, with A_b transposed as in ``shared_delta``.
+
+  Args:
+    x: inputs (B, L, D).
+    a_t: A_b transposed, (B, R, D).
+    b: B_b (B, R, O).
+    scale: alpha / r, folded into B_b.
+
+  Returns:
+    The change of the layer's output, (B, L, O).
+  """
   # (B, L, D) x (B, R, D) -> (B, L, R)
   h = jnp.einsum("bld,brd->blr", x, a_t)
-  if row_factor is not None:
-    h = h * row_factor[:, None, None]
   # (B, L, R) x (B, R, O) -> (B, L, O)
-  return jnp.einsum("blr,bro->blo", h, b)
+  return jnp.einsum("blr,bro->blo", h, b * jnp.asarray(scale, b.dtype))
 
 
 def skills_delta(x: Array, weights: Array, lora_a: Array, lora_b: Array, scale: float) -> Array:

@@ -51,8 +51,7 @@ def _paths(x, w, a, b, dy):
           x, *routing.mix_per_example(w, a, b), 0.5),
       skills=lambda w, a, b: routing.skills_delta(x, w, a, b, 0.5),
       chosen=lambda w, a, b: routing.mixed_delta(x, w, a, b, 0.5),
-      shared=lambda w, a, b: routing.low_rank_delta_batched(
-          x, *routing.mix_shared(w[0], a, b), 0.5))
+      shared=lambda w, a, b: routing.shared_delta(x, *routing.mix_shared(w[0], a, b), 0.5))
   out = {}
   for name, f in paths.items():
     y, vjp = jax.vjp(f, w, a, b)
@@ -88,7 +87,7 @@ def test_row_factor_poisons_exactly_its_example():
   v = _arrays(SHAPES[1], same_task=True)
   a_t, b = routing.mix_shared(jnp.asarray(v["w"][0]), jnp.asarray(v["a"]), jnp.asarray(v["b"]))
   guard = jnp.asarray([1.0, np.nan, 1.0], jnp.float32)
-  y = np.asarray(routing.low_rank_delta_batched(jnp.asarray(v["x"]), a_t, b, 0.5, guard))
+  y = np.asarray(routing.shared_delta(jnp.asarray(v["x"]), a_t, b, 0.5, guard))
   assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
 
 
