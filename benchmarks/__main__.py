@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--shapes", default=None, help="comma-separated step shapes (small,base)")
   parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
   parser.add_argument("--ranks", default=None, help="comma-separated ranks of 'routing' (1,8)")
+  parser.add_argument("--impls", default=None,
+                      help="comma-separated implementations that 'routing' steps (ours,peft)")
   parser.add_argument("--threads", type=int, default=None,
                       help="torch's CPU threads (default: torch's own); for JAX's, run the "
                            "command under `taskset`")
@@ -43,6 +45,8 @@ def _plan(args) -> plan.Plan:
     p = dataclasses.replace(p, routing_ranks=tuple(int(r) for r in args.ranks.split(",")))
   if args.threads:
     p = dataclasses.replace(p, threads=args.threads)
+  if args.impls:
+    p = dataclasses.replace(p, routing_impls=tuple(args.impls.split(",")))
   return p
 
 
