@@ -19,8 +19,11 @@ def _ratio(name: str, impl: str, config: dict, num: Record, den: Record, what: s
            of: Optional[Record] = None) -> Record:
   """A ratio record: ``num``'s median / ``den``'s median, reported with ``of``'s figures."""
   of = of if of is not None else num
-  return dict(name=name, impl=impl, config=config, median_s=of["median_s"],
-              tokens_per_s=of["tokens_per_s"], ratio=num["median_s"] / den["median_s"], what=what)
+  rec = dict(name=name, impl=impl, config=config, median_s=of["median_s"],
+             tokens_per_s=of["tokens_per_s"], ratio=num["median_s"] / den["median_s"], what=what)
+  if num.get("median_cpu_s") and den.get("median_cpu_s"):
+    rec["cpu_ratio"] = num["median_cpu_s"] / den["median_cpu_s"]  # the same of CPU times
+  return rec
 
 
 def fill_fraction_of_peak(ok: list[Record]) -> None:

@@ -152,14 +152,6 @@ def measure_step(cfg: StepConfig, steps_: int, warmup: int, budget_s: float) -> 
   return {"times": times, "first_step_s": first, "n_trainable": int(n_trainable)}
 
 
-def measure_in_turn(cfgs: list[StepConfig], rounds: int) -> list[dict[str, Any]]:
-  """Step times of several of our configurations in one process, one step of each in turn."""
-  backbone: BackboneCache = {}
-  runs = [ours_runner(c, backbone=backbone)[0] for c in cfgs]
-  times, firsts = timing.in_turn(runs, rounds)
-  return [{"times": t, "first_step_s": f} for t, f in zip(times, firsts)]
-
-
 def measure_profile(cfg: StepConfig, steps_: int) -> dict[str, Any]:
   """Per-op profile of our train step for ``cfg`` (``profiling.xla_profile``)."""
   run, _, compiled = ours_runner(cfg, compile_ahead=True)

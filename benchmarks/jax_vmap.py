@@ -66,11 +66,11 @@ def measure_vmap(cfg: StepConfig, n_jobs: int, rounds: int, budget_s: float) -> 
   batch = make_batch(cfg, 1, lead=(n_jobs,))
   keys = jax.random.split(jax.random.key(0), n_jobs)
   variants = {"loop": _loop(s, batch, keys, n_jobs), "vmap": _vmapped(s, batch, keys, n_jobs)}
-  times, firsts = timing.in_turn([run for run, _ in variants.values()], rounds,
-                                 budget_s=budget_s)
+  times, cpu_times, firsts = timing.in_turn([run for run, _ in variants.values()], rounds,
+                                            budget_s=budget_s)
   out: list[dict[str, Any]] = []
-  for (name, (run, hlo)), ts, first in zip(variants.items(), times, firsts):
+  for (name, (run, hlo)), ts, cpu, first in zip(variants.items(), times, cpu_times, firsts):
     prof = profiling.xla_profile(run, hlo(), 1)
-    out.append({"variant": name, "times": ts, "first_step_s": first,
+    out.append({"variant": name, "times": ts, "cpu_times": cpu, "first_step_s": first,
                 "profile": {k: prof[k] for k in PROFILE_FIELDS}})
   return out

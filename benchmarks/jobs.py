@@ -78,11 +78,11 @@ def _in_turn(job: Job) -> list[Record]:
       runs.append(_ours().ours_runner(cfg, backbone=caches["ours"])[0])
     else:
       runs.append(_peft().peft_runner(cfg, job.get("threads"), backbone=caches["peft"])[0])
-  times, firsts = timing.in_turn(runs, job.get("steps", 5), job.get("warmup", 1))
+  times, cpu_times, firsts = timing.in_turn(runs, job.get("steps", 5), job.get("warmup", 1))
   records = []
-  for e, cfg, ts, first in zip(entries, cfgs, times, firsts):
+  for e, cfg, ts, cpu, first in zip(entries, cfgs, times, cpu_times, firsts):
     rec = step_record(e.get("name", "in_turn_step"), e["impl"], cfg,
-                      {"times": ts, "first_step_s": first})
+                      {"times": ts, "cpu_times": cpu, "first_step_s": first})
     rec["config"].update(e.get("tags", {}))
     records.append(rec)
   return records

@@ -29,6 +29,9 @@ def step_record(name: str, impl: str, cfg: StepConfig, res: dict[str, Any]) -> R
   rec = dict(name=name, impl=impl, config=cfg.record(), median_s=med,
              tokens_per_s=cfg.tokens / med, model_flops=flops, flops_per_s=flops / med,
              times=res["times"], first_step_s=res.get("first_step_s"))
+  if "cpu_times" in res:  # steps taken in turn: each step's process CPU time too
+    rec["cpu_times"] = res["cpu_times"]
+    rec["median_cpu_s"] = statistics.median(res["cpu_times"])
   if "n_trainable" in res:
     rec["n_trainable"] = res["n_trainable"]
   return rec

@@ -77,19 +77,21 @@ def profile_table(records: list[Record]) -> str:
 
 def routing_table(derived: list[Record]) -> str:
   """The ``routing`` measurement in one table: per shape, rank, method and batch kind, ours
-  and PEFT's step over their own no-adapter step, and ours / PEFT (all in turn)."""
+  and PEFT's step over their own no-adapter step, and ours / PEFT (all in turn); ratios of
+  median wall times, with those of median CPU times in parentheses."""
   cells: dict[tuple, dict[str, float]] = {}
   for r in derived:
     if r["name"] not in ("routed_over_none", "routed_vs_peft"):
       continue
     c = r["config"]
     col = "ours/peft" if r["name"] == "routed_vs_peft" else f"{r['impl']}/none"
-    cells.setdefault((c["shape"], c["rank"], c["label"], c["batch"]), {})[col] = r["ratio"]
+    cell = cells.setdefault((c["shape"], c["rank"], c["label"], c["batch"]), {})
+    cell[col] = fmt(r["ratio"]) + (f" ({fmt(r['cpu_ratio'])})" if "cpu_ratio" in r else "")
   if not cells:
     return ""
   rows = ["| shape | rank | adapters | batch | ours / our none | PEFT / PEFT none "
           "| PEFT / ours |", "|---|---:|---|---|---:|---:|---:|"]
   for (shape, rank, label, batch), v in cells.items():
-    rows.append(f"| {shape} | {rank} | {label} | {batch} | {fmt(v.get('ours/none'))} | "
-                f"{fmt(v.get('peft/none'))} | {fmt(v.get('ours/peft'))} |")
+    rows.append(f"| {shape} | {rank} | {label} | {batch} | {v.get('ours/none', '')} | "
+                f"{v.get('peft/none', '')} | {v.get('ours/peft', '')} |")
   return "\n".join(rows)

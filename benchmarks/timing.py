@@ -48,23 +48,29 @@ def time_steps(run: Run, steps: int, warmup: int, budget_s: float) -> tuple[list
 
 
 def in_turn(runs: Sequence[Run], rounds: int, warmup_rounds: int = 1,
-            budget_s: float = float("inf")) -> tuple[list[list[float]], list[float]]:
+            budget_s: float = float("inf")) -> tuple[list[list[float]], list[list[float]],
+                                                     list[float]]:
   """Step times of several step functions in one process, one step of each in turn.
 
   Every function then sees the same machine load (a shared machine's speed moves by 2x within
-  minutes), which is what ratios of step times need. The first call of each (compilation) is
-  timed apart, then ``warmup_rounds`` untimed rounds; stops after at least 3 timed rounds once
-  ``budget_s`` is spent. Returns the step times of each function and their first-call times.
+  minutes), which is what ratios of step times need. Each step's process CPU time is taken
+  too: on a loaded machine a single-threaded step's CPU time stays close to its unloaded wall
+  time while its wall time does not. The first call of each (compilation) is timed apart, then
+  ``warmup_rounds`` untimed rounds; stops after at least 3 timed rounds once ``budget_s`` is
+  spent. Returns the wall and CPU step times of each function and their first-call times.
   """
   firsts = [timed(run, 0) for run in runs]
   for i in range(warmup_rounds):
     for run in runs:
       run(1 + i)
   times: list[list[float]] = [[] for _ in runs]
+  cpu_times: list[list[float]] = [[] for _ in runs]
   start = time.perf_counter()
   for i in range(rounds):
     for j, run in enumerate(runs):
+      cpu = time.process_time()
       times[j].append(timed(run, 1 + warmup_rounds + i))
+      cpu_times[j].append(time.process_time() - cpu)
     if i >= 2 and time.perf_counter() - start > budget_s:
       break
-  return times, firsts
+  return times, cpu_times, firsts
