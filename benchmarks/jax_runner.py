@@ -18,7 +18,7 @@ from flax import nnx
 
 from benchmarks import profiling, timing
 from benchmarks.configs import SHAPES, StepConfig, make_batch_np
-from mhr_jax import adapters, models, network, optimizers, steps
+from mhr_jax import adapters, models, network, optimizers, row_sparse, steps
 
 # Frozen backbone arrays by (shape, parameter path): several of our steps in one process share
 # one copy of the backbone (the same random init), as they would share one checkpoint.
@@ -44,14 +44,14 @@ def adapter_config(cfg: StepConfig) -> adapters.AdapterConfig:
   routed = cfg.routed
   return adapters.AdapterConfig(
       mode=cfg.method, n_tasks=cfg.n_tasks if routed else 1,
-      n_skills=cfg.n_skills if routed else 1, n_splits=cfg.n_splits if cfg.method == "mhr" else 1,
+      n_skills=cfg.n_skills if routed else 1, n_splits=cfg.splits,
       lora_rank=cfg.rank, layers="super_ni", relaxed_bernoulli=routed and cfg.routing_noise)
 
 
 def build_ours(cfg: StepConfig, seed: int = 0) -> tuple[network.T5, Any]:
   """Our model for ``cfg`` and the filter of what trains."""
   t5cfg = network.T5Config(**SHAPES[cfg.shape], dropout_rate=0.0)
-  if cfg.method == "none":
+  if cfg.mode is None:
     return network.T5(t5cfg, rngs=nnx.Rngs(seed)), _none_filter
   acfg = adapter_config(cfg)
   model = network.T5(t5cfg, rngs=nnx.Rngs(seed),
@@ -71,15 +71,23 @@ def make_batch(cfg: StepConfig, seed: int = 0, lead: tuple[int, ...] = ()) -> di
           "decoder_input_tokens": shift(targets), "task_ids": task_ids}
 
 
-def make_optimizer(trainable: nnx.State, routing_update: str = "",
-                   learning_rate: float = 1e-3):
-  """A plain AdamW (``routing_update`` "") or the trainer's optimizer with that routing update
-  (clipping and warm-up off)."""
+def make_optimizer_and_step(graphdef: nnx.GraphDef, trainable: nnx.State,
+                            routing_update: str = "", learning_rate: float = 1e-3):
+  """``(optimizer, unjitted train step)``: a plain AdamW (``routing_update`` "") or the
+  trainer's optimizer with that routing update (clipping and warm-up off): ``"rows"`` is
+  ``row_sparse``'s optimizer and step where the model has routing tables, as in the trainer."""
+  loss = lambda m, batch: models.loss_fn(m, batch, deterministic=False)  # noqa: E731
   if not routing_update:
-    return optax.adamw(learning_rate, weight_decay=0.01)
-  return optimizers.make_optimizer(optimizers.OptimizerConfig(
+    tx = optax.adamw(learning_rate, weight_decay=0.01)
+    return tx, steps.make_train_step(graphdef, tx, loss)
+  config = optimizers.OptimizerConfig(
       learning_rate=learning_rate, routing_learning_rate=learning_rate, warmup_fraction=0.0,
-      total_steps=10 ** 9, grad_clip_norm=None, routing_update=routing_update), trainable)
+      total_steps=10 ** 9, grad_clip_norm=None, routing_update=routing_update)
+  if row_sparse.applies(config, trainable):
+    tx = row_sparse.RowSparseOptimizer(config, trainable)
+    return tx, row_sparse.make_train_step(graphdef, tx, loss)
+  tx = optimizers.make_optimizer(config, trainable)
+  return tx, steps.make_train_step(graphdef, tx, loss)
 
 
 def share_backbone(frozen: nnx.State, cache: BackboneCache, shape: str) -> None:
@@ -114,9 +122,7 @@ def ours_step(cfg: StepConfig, seed: int = 0,
   del model
   if backbone is not None:
     share_backbone(frozen, backbone, cfg.shape)
-  tx = make_optimizer(trainable, cfg.routing_update)
-  train_step = steps.make_train_step(
-      graphdef, tx, lambda m, batch: models.loss_fn(m, batch, deterministic=False))
+  tx, train_step = make_optimizer_and_step(graphdef, trainable, cfg.routing_update)
   return OursStep(train_step, trainable, frozen, tx.init(trainable), make_batch(cfg, seed))
 
 
