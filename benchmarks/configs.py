@@ -7,9 +7,11 @@ T5 of the shape, adapters on every attention q, k, v and o, the backbone frozen.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
+
+from mhr_jax import modes  # the modes table only: no JAX (see SHAPES)
 
 # The network's size presets (``mhr_jax.network.PRESETS``; a test keeps them equal), so a shape
 # name means the same model here as in gin files. Written out, not imported: importing the
@@ -23,7 +25,9 @@ SHAPES = {
 # compilation per point of the full 8 + 8 layers would not fit a run's time budget.
 SHAPES["small2"] = dict(SHAPES["small"], num_layers=2)
 
-METHODS = ("none", "lora", "poly", "mhr")
+# ``none``, then adapter modes of the library (``mhr_jax.modes``) that train from scratch.
+NONE = "none"
+METHODS = (NONE, "lora", "poly", "mhr")
 ADAPTED = ("q", "k", "v", "o")
 
 
@@ -42,8 +46,9 @@ class StepConfig:
     routing_noise: relaxed-Bernoulli routing noise in training (ours; PEFT's Poly router always
       samples it in ``train()`` mode).
     routing_update: ``""``: a plain optax AdamW over everything that trains (what PEFT's side
-      runs); ``"dense"`` / ``"rows"``: the trainer's optimizer (``optimizers.make_optimizer``,
-      no clipping, constant learning rate) with that ``OptimizerConfig.routing_update``.
+      runs); ``"dense"`` / ``"rows"``: the trainer's optimizer with that
+      ``OptimizerConfig.routing_update`` (``optimizers.make_optimizer``, or ``row_sparse``'s
+      optimizer and step for ``"rows"``), no clipping, constant learning rate.
   """
 
   shape: str = "small"
@@ -70,19 +75,28 @@ class StepConfig:
     return self.batch * (self.in_len + self.tgt_len)
 
   @property
+  def mode(self) -> Optional[modes.Mode]:
+    """The library's adapter mode of ``method``; None for ``none`` (no adapters)."""
+    return None if self.method == NONE else modes.get_mode(self.method)
+
+  @property
   def routed(self) -> bool:
-    return self.method in ("poly", "mhr")
+    return self.mode is not None and self.mode.routed
+
+  @property
+  def splits(self) -> int:
+    """The number of routing heads the adapters use: ``n_splits`` where the mode has heads."""
+    return self.n_splits if self.routed and not self.mode.single_split else 1
 
   def label(self) -> str:
-    """A short name of the adapter set-up, e.g. ``mhr_k8_s8_r8``."""
-    if self.method == "mhr":
-      suffix = f"_{self.routing_update}" if self.routing_update else ""
-      return f"mhr_k{self.n_skills}_s{self.n_splits}_r{self.rank}{suffix}"
-    if self.method == "poly":
-      return f"poly_k{self.n_skills}_r{self.rank}"
-    if self.method == "lora":
-      return f"lora_r{self.rank}"
-    return self.method
+    """A short name of the adapter set-up, e.g. ``mhr_k8_s8_r8``, ``poly_k8_r8``, ``lora_r8``."""
+    if self.mode is None:
+      return self.method
+    if not self.routed:
+      return f"{self.method}_r{self.rank}"
+    heads = "" if self.mode.single_split else f"_s{self.n_splits}"
+    suffix = f"_{self.routing_update}" if self.routing_update else ""
+    return f"{self.method}_k{self.n_skills}{heads}_r{self.rank}{suffix}"
 
   def record(self) -> dict[str, Any]:
     """The configuration as it goes into a result record (with its label)."""

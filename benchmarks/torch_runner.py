@@ -61,20 +61,20 @@ def build_peft(cfg: StepConfig, threads: Optional[int] = None, seed: int = 0,
   """HF T5 with PEFT's tuner for ``cfg`` (in train mode) and its trainable parameters."""
   torch = _torch(threads)
   model = _t5(cfg, seed, backbone)
-  if cfg.method == "none":
+  if cfg.mode is None:
     for p in model.parameters():
       p.requires_grad_(False)
     norm = model.encoder.block[0].layer[0].layer_norm
     norm.weight = torch.nn.Parameter(norm.weight.detach().clone())  # not the shared tensor
   else:
     import peft  # noqa: PLC0415
-    if cfg.method == "lora":
+    if not cfg.routed:
       pcfg = peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=cfg.rank, lora_alpha=1,
                              lora_dropout=0.0, target_modules=list(ADAPTED))
     else:
       pcfg = peft.PolyConfig(
           task_type="SEQ_2_SEQ_LM", poly_type="poly", r=cfg.rank, n_tasks=cfg.n_tasks,
-          n_skills=cfg.n_skills, n_splits=cfg.n_splits if cfg.method == "mhr" else 1,
+          n_skills=cfg.n_skills, n_splits=cfg.splits,
           target_modules=list(ADAPTED))
     model = peft.get_peft_model(model, pcfg).to(device())
   model.train()
