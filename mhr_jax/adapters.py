@@ -237,18 +237,15 @@ class RoutedLoRA(nnx.Module):
     self.lora_b = AdapterParam(
         jnp.zeros((s, k, r, out_dim // s), config.param_dtype),
         logical_axes=(axes.SPLITS, axes.SKILLS, axes.RANK, axes.ADAPTER_OUT))
-    # Every example of a batch is declared to have the same task (``set_single_task``): static,
-    # so the layer mixes one adapter per call without checking the batch's task ids.
+    # Static: every example of a batch has one task (``set_single_task``); no id check then.
     self.single_task = False
 
   def _inventory(self, dtype) -> tuple[Array, Array]:
     return self.lora_a[...].astype(dtype), self.lora_b[...].astype(dtype)
 
   def apply_weights(self, x: Array, weights: Array) -> Array:
-    """The output change for per-example mixing weights (B, S, K); x is (B, ..., D).
-
-    Takes the cheaper exact path for the shapes (``routing.mixed_delta``).
-    """
+    """The output change for per-example mixing weights (B, S, K); x is (B, ..., D), by the
+    cheaper exact path for the shapes (``routing.mixed_delta``)."""
     lead = x.shape[:-1]
     x3 = x.reshape(lead[0], -1, self.in_dim)  # (B, ..., D) -> (B, L, D)
     a, b = self._inventory(x.dtype)
@@ -380,7 +377,6 @@ def single_task_loss(loss_fn):
   def loss(model, batch):
     set_single_task(model)
     return loss_fn(model, batch)
-
   return loss
 
 
