@@ -151,8 +151,10 @@ def test_touched_rows_follow_a_numpy_lazy_adamw_with_summed_duplicate_gradients(
     assert rows[:len(uniq)].tolist() == uniq and (rows[len(uniq):] == N_TASKS).all()
     for p, g in dense_tables.items():
       assert not np.delete(g, uniq, axis=0).any(), p  # absent rows: zero dense gradient
-      np.testing.assert_allclose(row_grads[p][:len(uniq)], g[uniq], rtol=1e-5, atol=1e-9,
-                                 err_msg=str(p))
+      # Two programs fused differently: float32 rounding of sums that cancel, relative to the
+      # table's largest gradient (a wrong row or sum is off by percents).
+      np.testing.assert_allclose(row_grads[p][:len(uniq)], g[uniq], rtol=1e-5,
+                                 atol=1e-6 * np.abs(g).max(), err_msg=str(p))
       assert not row_grads[p][len(uniq):].any(), p
     # NumPy lazy AdamW on the dense gradient's rows, clipped by the dense global norm.
     norm = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(dense)))
