@@ -74,7 +74,8 @@ def side_by_side(ok: list[Record]) -> list[Record]:
 
 def routing(ok: list[Record]) -> list[Record]:
   """``routing_step`` records (one process per shape and rank): each routed or LoRA step over
-  the no-adapter step of the same implementation, and PEFT's median over ours."""
+  the no-adapter step of the same implementation, each routed step over its LoRA step (of
+  the rank), and PEFT's median over ours."""
   rs = [r for r in ok if r["name"] == "routing_step"]
   by = {(r["impl"],) + _key(r, "shape", "rank", "label", "batch"): r for r in rs}
   out = []
@@ -82,11 +83,12 @@ def routing(ok: list[Record]) -> list[Record]:
     if label == "none":
       continue
     config = dict(shape=shape, rank=rank, label=label, batch=batch)
-    none = next((d for (i, s, k, lab, _), d in by.items()
-                 if (i, s, k, lab) == (impl, shape, rank, "none")), None)
-    if none is not None:
-      out.append(_ratio("routed_over_none", impl, config, r, none,
-                        f"{label} step time / no-adapter step time, in turn"))
+    for name, base in (("routed_over_none", "none"), ("routed_over_lora", f"lora_r{rank}")):
+      den = next((d for (i, s, k, lab, _), d in by.items()
+                  if (i, s, k, lab) == (impl, shape, rank, base)), None)
+      if den is not None and label != base:
+        out.append(_ratio(name, impl, dict(config), r, den,
+                          f"{label} step time / {base} step time, in turn"))
     p = by.get(("peft", shape, rank, label, batch))
     if impl == "ours" and p is not None:
       out.append(_ratio("routed_vs_peft", "ours/peft", dict(config), p, r,

@@ -77,21 +77,25 @@ def profile_table(records: list[Record]) -> str:
 
 def routing_table(derived: list[Record]) -> str:
   """The ``routing`` measurement in one table: per shape, rank, method and batch kind, ours
-  and PEFT's step over their own no-adapter step, and ours / PEFT (all in turn); ratios of
-  median wall times, with those of median CPU times in parentheses."""
+  and PEFT's step over their own no-adapter step, ours over our LoRA step, and ours / PEFT
+  (all in turn); ratios of median wall times, with those of median CPU times in parentheses."""
+  cols = {"routed_over_none": "{impl}/none", "routed_over_lora": "{impl}/lora",
+          "routed_vs_peft": "ours/peft"}
   cells: dict[tuple, dict[str, float]] = {}
   for r in derived:
-    if r["name"] not in ("routed_over_none", "routed_vs_peft"):
+    if r["name"] not in cols:
       continue
     c = r["config"]
-    col = "ours/peft" if r["name"] == "routed_vs_peft" else f"{r['impl']}/none"
+    col = cols[r["name"]].format(impl=r["impl"])
     cell = cells.setdefault((c["shape"], c["rank"], c["label"], c["batch"]), {})
     cell[col] = fmt(r["ratio"]) + (f" ({fmt(r['cpu_ratio'])})" if "cpu_ratio" in r else "")
   if not cells:
     return ""
-  rows = ["| shape | rank | adapters | batch | ours / our none | PEFT / PEFT none "
-          "| PEFT / ours |", "|---|---:|---|---|---:|---:|---:|"]
+  rows = ["| shape | rank | adapters | batch | ours / our none | ours / our LoRA "
+          "| PEFT / PEFT none | PEFT / PEFT LoRA | PEFT / ours |",
+          "|---|---:|---|---|---:|---:|---:|---:|---:|"]
   for (shape, rank, label, batch), v in cells.items():
     rows.append(f"| {shape} | {rank} | {label} | {batch} | {v.get('ours/none', '')} | "
-                f"{v.get('peft/none', '')} | {v.get('ours/peft', '')} |")
+                f"{v.get('ours/lora', '')} | {v.get('peft/none', '')} | "
+                f"{v.get('peft/lora', '')} | {v.get('ours/peft', '')} |")
   return "\n".join(rows)

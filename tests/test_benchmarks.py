@@ -106,11 +106,13 @@ def _records():
                                   "gather/scatter": 0.0, "unattributed": 0.1}))
   for impl, med in (("ours", 2.0), ("peft", 3.0)):
     records.append(_step(impl, "mhr_k8_s8_r8", med, name="versus_step"))
-  for impl, none, mixed, single in (("ours", 1.0, 1.2, 1.05), ("peft", 1.5, 2.4, 2.1)):
+  for impl, none, lora, mixed, single in (("ours", 1.0, 1.02, 1.2, 1.05),
+                                         ("peft", 1.5, 1.75, 2.4, 2.1)):
     records.append(_step(impl, "none", none, name="routing_step", batch="any"))
+    records.append(_step(impl, "lora_r8", lora, name="routing_step", batch="any"))
     records.append(_step(impl, "mhr_k8_s8_r8", mixed, name="routing_step", batch="pretrain"))
     records.append(_step(impl, "mhr_k8_s8_r8", single, name="routing_step", batch="finetune"))
-  for r in records[-6:]:  # steps in turn also carry their CPU times
+  for r in records[-8:]:  # steps in turn also carry their CPU times
     r["median_cpu_s"] = r["median_s"] / 2 if r["config"]["batch"] == "finetune" else r["median_s"]
   return records
 
@@ -137,6 +139,12 @@ def test_derived_ratios_come_from_the_medians():
   assert get("routed_over_none", "ours", **routed, batch="finetune") == pytest.approx(1.05)
   assert get("routed_over_none", "peft", **routed, batch="pretrain") == pytest.approx(1.6)
   assert get("routed_vs_peft", "ours/peft", **routed, batch="finetune") == pytest.approx(2.0)
+  assert get("routed_over_lora", "ours", **routed, batch="finetune") == pytest.approx(1.05 / 1.02)
+  assert get("routed_over_lora", "peft", **routed, batch="pretrain") == pytest.approx(2.4 / 1.75)
+  assert get("routed_over_none", "ours", shape="small", rank=8, label="lora_r8",
+             batch="any") == pytest.approx(1.02)
+  assert not [r for r in derived if r["name"] == "routed_over_lora"
+              and r["config"]["label"] == "lora_r8"]  # LoRA over itself: not a ratio
   cpu = by[("routed_over_none", "ours", json.dumps(dict(routed, batch="finetune"),
                                                    sort_keys=True))]["cpu_ratio"]
   assert cpu == pytest.approx(1.05 / 2)
@@ -156,7 +164,8 @@ def test_tables_hold_every_record():
   profiles = tables.profile_table(records)
   assert profiles.count("\n") == 2 and "| ours | small none | 1 | 0.5 (50%) | 2 | 0.5 |" in profiles
   routing = tables.routing_table(derived)
-  assert "| small | 8 | mhr_k8_s8_r8 | finetune | 1.05 (0.525) | 1.4 (0.7) | 2 (2) |" in routing
+  assert ("| small | 8 | mhr_k8_s8_r8 | finetune | 1.05 (0.525) | 1.03 (0.515) | 1.4 (0.7) | "
+          "1.2 (0.6) | 2 (2) |") in routing
 
 
 @pytest.mark.slow
@@ -190,7 +199,7 @@ def test_quick_run_writes_json_lines_and_table(tmp_path):
   assert {"peak_matmul", "speedup_vs_peft", "routing_overhead", "memory_vs_peft", "scaling",
           "mixed_vs_single_task", "finetune_loop", "finetune_vmap", "vmap_speedup", "profile",
           "versus_step", "speedup_vs_peft_side_by_side", "routing_step", "routed_over_none",
-          "routed_vs_peft"} <= names
+          "routed_over_lora", "routed_vs_peft"} <= names
   for r in records:
     if r["name"] == "profile":
       assert set(r["categories"]) == {"matmul", "elementwise", "copy/transpose",
