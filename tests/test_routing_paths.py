@@ -1,6 +1,7 @@
-"""The layer's three exact paths (shared, parameters, skills) against the per-example path of
-docs/algorithm.md section 3 and a NumPy float64 reference, on several shapes (S > 1, uneven
-lengths), values and gradients; the single-task fast path inside the layer, declared or found."""
+"""The layer's exact paths (per-example, shared, parameters, skills) against a NumPy float64
+reference of docs/algorithm.md section 3 with its gradients written out, on several shapes
+(S > 1, uneven lengths), values and gradients; the single-task fast path inside the layer,
+declared or found, against the per-example path."""
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +29,26 @@ def _arrays(shape, seed=0, same_task=False):
               b=rng.normal(size=(q, k, r, o // q)).astype(np.float32))
 
 
-def _numpy(v, scale=0.5):
-  """Per example: concatenate the split-wise mixtures into (D, r) and (r, O) and multiply."""
+def _numpy(v, dy, scale=0.5):
+  """Float64 reference of docs/algorithm.md section 3, value and gradients (w, A, B) for the
+  output cotangent ``dy``: per example, the split-wise mixtures concatenated into (D, r) and
+  (r, O), then x A_i B_i; the gradients written out by the chain rule."""
   x, w, a, b = (np.asarray(v[k], np.float64) for k in ("x", "w", "a", "b"))
-  out = []
+  dy = np.asarray(dy, np.float64)
+  n_splits, d_q, o_q = a.shape[0], a.shape[2], b.shape[3]
+  ys, gw, ga, gb = [], np.zeros_like(w), np.zeros_like(a), np.zeros_like(b)
   for i in range(x.shape[0]):
-    a_i = np.concatenate([np.tensordot(w[i, q], a[q], 1) for q in range(a.shape[0])], 0)
-    b_i = np.concatenate([np.tensordot(w[i, q], b[q], 1) for q in range(b.shape[0])], 1)
-    out.append(x[i] @ a_i @ b_i * scale)
-  return np.stack(out)
+    a_i = np.concatenate([np.tensordot(w[i, q], a[q], 1) for q in range(n_splits)], 0)  # (D, r)
+    b_i = np.concatenate([np.tensordot(w[i, q], b[q], 1) for q in range(n_splits)], 1)  # (r, O)
+    ys.append(x[i] @ a_i @ b_i * scale)
+    d_a = scale * x[i].T @ (dy[i] @ b_i.T)  # (D, L) x (L, r) -> (D, r)
+    d_b = scale * (x[i] @ a_i).T @ dy[i]  # (r, L) x (L, O) -> (r, O)
+    for q in range(n_splits):
+      da_q, db_q = d_a[q * d_q:(q + 1) * d_q], d_b[:, q * o_q:(q + 1) * o_q]
+      ga[q] += w[i, q][:, None, None] * da_q  # (K, 1, 1) * (D/Q, r) -> (K, D/Q, r)
+      gb[q] += w[i, q][:, None, None] * db_q  # (K, 1, 1) * (r, O/Q) -> (K, r, O/Q)
+      gw[i, q] = np.einsum("kdr,dr->k", a[q], da_q) + np.einsum("kro,ro->k", b[q], db_q)
+  return np.stack(ys), gw, ga, gb
 
 
 @jax.jit
@@ -63,23 +75,27 @@ def _close(got, want):
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
 
 
+def _close_to_numpy(got, want):
+  """float32 against float64: rtol 1e-5 and atol 1e-5 of the reference's largest entry."""
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
 @pytest.mark.parametrize("shape", SHAPES)
-def test_every_path_equals_the_per_example_path_in_value_and_gradient(shape):
+def test_every_path_equals_the_numpy_reference_in_value_and_gradient(shape):
   dy = np.random.default_rng(2).normal(size=shape[:2] + (shape[3],)).astype(np.float32)
-  # Mixed tasks: the parameter and skill paths (and the cost model's choice).
+  # Mixed tasks: the per-example, parameter and skill paths (and the cost model's choice).
   v = _arrays(shape)
   out = _paths(v["x"], v["w"], v["a"], v["b"], dy)
-  want = out["per_example"]
-  np.testing.assert_allclose(want[0], _numpy(v), rtol=1e-5, atol=1e-5)
-  for path in ("parameters", "skills", "chosen"):
+  want = _numpy(v, dy)
+  for path in ("per_example", "parameters", "skills", "chosen"):
     for got, ref in zip(out[path], want):
-      _close(np.asarray(got), np.asarray(ref))
+      _close_to_numpy(np.asarray(got), ref)
   # One task: the shared path; the weights' gradient of every example lands on the one row.
   v = _arrays(shape, seed=1, same_task=True)
   out = _paths(v["x"], v["w"], v["a"], v["b"], dy)
-  (y, gw, ga, gb), want = out["shared"], out["per_example"]
+  (y, gw, ga, gb), want = out["shared"], _numpy(v, dy)
   for got, ref in ((y, want[0]), (ga, want[2]), (gb, want[3]), (gw[0], want[1].sum(0))):
-    _close(np.asarray(got), np.asarray(ref))
+    _close_to_numpy(np.asarray(got), ref)
   assert not np.asarray(gw[1:]).any()
 
 
