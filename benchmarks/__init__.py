@@ -22,7 +22,8 @@ Measurements (``--only`` takes these names; ``plan.MEASUREMENTS`` lists their jo
             (``benchmarks.profiling``).
   routing   per shape and rank: no adapter, LoRA, Poly and MHR (S = 8, 64) on pre-training
             (mixed-task) and fine-tuning (single-task) batches, ours and PEFT's, all stepped in
-            turn in one process: each step over its own no-adapter step, and ours / PEFT.
+            turn in one process: each step over its own no-adapter step, each routed step
+            over its LoRA step, and ours / PEFT.
   scaling   ours, MHR step time as n_skills, n_splits and n_tasks grow (n_tasks also with the
             trainer's optimizer, routing_update "dense" and "rows"), and mixed-task against
             single-task batches; the points of each axis stepped in turn in one process.
@@ -39,5 +40,7 @@ of XLA's and torch's best float32 matmul rate measured in the same run.
 
 Modules: ``configs`` (shapes, the step configuration), ``flops``, ``timing``, ``jax_runner`` and
 ``jax_vmap`` (ours), ``torch_runner`` (PEFT's), ``profiling``, ``plan`` (measurements as jobs),
-``jobs`` (what a worker runs), ``records``, ``derive`` (ratios), ``tables`` (Markdown).
+``jobs`` (what a worker runs), ``records``, ``derive`` (ratios), ``tables`` (Markdown). A
+benchmark of another kind (evaluation, data loading) is a module of its own in this package,
+run as ``python -m benchmarks.<module>``.
 """
