@@ -1,8 +1,9 @@
 """Hugging Face T5 checkpoints (``config.json`` + safetensors) to and from our parameters.
 
 Reads the single-file (``model.safetensors``) and the sharded (``model.safetensors.index.json``)
-layouts. Only the backbone is mapped; adapter parameters (anything under an ``adapter`` slot) are
-left as the model initialised them.
+layouts. Only the backbone is mapped: on import, adapter parameters (anything under an ``adapter``
+slot) are left as the model initialised them; ``save_hf`` refuses a model that has adapters (merge
+them with ``adapters.merge``, or write them with ``mhr_jax.interop.peft``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from flax import nnx
 
 from mhr_jax import errors
 from mhr_jax.errors import CheckpointMismatchError
-from mhr_jax.layers import AdapterFactory
+from mhr_jax.layers import AdapterFactory, Dense
 from mhr_jax.network import T5, T5Config
 
 _CONFIG_FIELDS = (
@@ -229,9 +230,23 @@ def params_to_hf(model: T5) -> dict[str, np.ndarray]:
 
 
 def save_hf(model: T5, path: str | pathlib.Path) -> None:
-  """Writes ``config.json`` and ``model.safetensors`` that Hugging Face ``transformers`` loads."""
+  """Writes ``config.json`` and ``model.safetensors`` that Hugging Face ``transformers`` loads.
+
+  Raises:
+    ValueError: the model has adapters, which a plain T5 checkpoint cannot hold (nothing is
+      written): fold one task's adapter in with ``adapters.merge(model, task_id)`` first, or write
+      the adapters beside the backbone with ``mhr_jax.interop.peft.save_poly`` / ``save_lora``.
+  """
   from safetensors.numpy import save_file
 
+  adapted = ["/".join(str(p) for p in path) for path, node in nnx.iter_graph(model)
+             if isinstance(node, Dense) and node.adapter is not None]
+  if adapted:
+    raise ValueError(
+        f"save_hf writes the backbone only, and the model has {len(adapted)} adapters "
+        f"({adapted[0]}, ...) that it would drop: merge one task's adapter in with "
+        "adapters.merge(model, task_id), or save the adapters in PEFT's format with "
+        "mhr_jax.interop.peft.save_poly / save_lora")
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   (path / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2))

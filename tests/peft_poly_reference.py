@@ -4,6 +4,10 @@ Used live by ``test_peft_parity.py`` when torch is installed, and to (re)write t
 fixture that the test reads without torch:
 
     python tests/peft_poly_reference.py   # writes tests/fixtures/peft_poly/
+
+Besides the arrays and logits (``poly_s{S}.npz``), the fixture holds each PEFT model as PEFT itself
+saves it (``adapter_s{S}/``: ``adapter_config.json`` + ``adapter_model.safetensors``), which the
+importer tests read without torch.
 """
 
 from __future__ import annotations
@@ -82,6 +86,17 @@ def reference_logits(model, batch: dict, task_ids: np.ndarray) -> np.ndarray:
   return out.logits.numpy()
 
 
+def save_adapter(model, directory: pathlib.Path) -> None:
+  """The PEFT adapter folder as ``save_pretrained`` writes it, without its model-card README."""
+  model.save_pretrained(str(directory))
+  (directory / "README.md").unlink(missing_ok=True)
+
+
+def write_adapter_folders(directory: pathlib.Path = FIXTURE) -> None:
+  for n_splits in SPLITS:
+    save_adapter(build(n_splits), directory / f"adapter_s{n_splits}")
+
+
 def write_fixture(directory: pathlib.Path = FIXTURE) -> None:
   batch = t5_ref.example_batch(seed=1)
   for n_splits in SPLITS:
@@ -93,6 +108,7 @@ def write_fixture(directory: pathlib.Path = FIXTURE) -> None:
         directory / f"poly_s{n_splits}.npz", input_ids=batch["input_ids"], labels=batch["labels"],
         task_ids=TASK_IDS, logits=reference_logits(model, batch, TASK_IDS),
         **{f"adapter:{k}": v for k, v in arrays.items()})
+  write_adapter_folders(directory)
 
 
 if __name__ == "__main__":
