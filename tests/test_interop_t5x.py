@@ -1,0 +1,144 @@
+"""T5X checkpoints (``mhr_jax.interop.t5x``) on the files T5X itself wrote (``../shared/data``).
+
+``test_t5_tiny.checkpoint_0`` is a complete tiny T5 (msgpack layout); ``tiny_t5/checkpoint_1`` and
+``tiny_orbax/1`` hold one dense layer's optimizer state in the tensorstore and orbax layouts. The
+expected arrays are read here independently of the importer: the msgpack file with flax's
+``msgpack_restore`` and the tensorstore chunks with gzip and NumPy.
+"""
+
+import gzip
+import json
+import shutil
+
+import numpy as np
+import pytest
+from flax import nnx, serialization
+
+from mhr_jax import hf_import, models
+from mhr_jax.hf_import import CheckpointMismatchError
+from mhr_jax.interop import t5x
+
+TINY = "t5x_checkpoints/test_t5_tiny.checkpoint_0"
+# Our name for each T5X attention projection (the only names that differ besides the table).
+RENAME = {"query": "q", "key": "k", "value": "v", "out": "o"}
+
+
+def _flat(tree, prefix=()):
+  for k, v in tree.items():
+    yield from (_flat(v, prefix + (k,)) if isinstance(v, dict) else [(prefix + (k,), v)])
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_data):
+  path = shared_data / TINY
+  raw = serialization.msgpack_restore(path.read_bytes())
+  target = {p: np.asarray(v) for p, v in _flat(raw["optimizer"]["target"])}
+  return path, target, t5x.load_t5x(path)
+
+
+def test_tiny_t5_loads_every_tensor_unchanged(tiny):
+  _, target, model = tiny
+  ours = {p: np.asarray(v[...]) for p, v in hf_import.backbone_params(model).items()}
+  assert len(ours) == len(target) == 52
+  for path, arr in target.items():
+    name = tuple(RENAME.get(p, p) if i == len(path) - 2 else p for i, p in enumerate(path))
+    want = arr.T if path[-1] == "rel_embedding" else arr  # T5X: (heads, buckets)
+    np.testing.assert_array_equal(ours.pop(name), want, err_msg="/".join(path))
+  assert not ours  # every parameter of the model came from the file
+  cfg = model.config
+  assert (cfg.vocab_size, cfg.d_model, cfg.num_heads, cfg.d_kv, cfg.d_ff) == (32128, 8, 4, 3, 16)
+  assert (cfg.num_layers, cfg.n_decoder_layers, cfg.feed_forward_proj) == (2, 2, "gated-gelu")
+  assert not cfg.tie_word_embeddings and cfg.relative_attention_num_buckets == 32
+
+
+def test_tiny_t5_runs_a_forward_pass(tiny):
+  _, _, model = tiny
+  rng = np.random.default_rng(0)
+  enc = rng.integers(2, 32128, (2, 9)).astype(np.int32)
+  enc[1, 6:] = 0
+  targets = rng.integers(2, 32128, (2, 5)).astype(np.int32)
+  batch = {"encoder_input_tokens": enc, "decoder_input_tokens": models.shift_right(targets),
+           "decoder_target_tokens": targets}
+  logits = np.asarray(nnx.jit(models.forward)(model, batch))  # one compile, not one per op
+  assert logits.shape == (2, 5, 32128) and np.isfinite(logits).all()
+  assert np.std(logits) > 0
+  ckpt = t5x.T5XCheckpoint(tiny[0])
+  assert (ckpt.layout, ckpt.step) == ("msgpack", 0)
+
+
+def test_missing_and_unexpected_tensors_are_named(tiny, tmp_path):
+  path, _, model = tiny
+  raw = serialization.msgpack_restore(path.read_bytes())
+  layer = raw["optimizer"]["target"]["decoder"]["layers_1"]
+  layer["extra"] = {"kernel": np.zeros((2, 2), np.float32)}
+  del layer["mlp"]["wo"]
+  bad = tmp_path / "checkpoint"
+  bad.write_bytes(serialization.msgpack_serialize(raw))
+  with pytest.raises(CheckpointMismatchError) as err:
+    t5x.t5x_to_params(model.config, t5x.T5XCheckpoint(tmp_path))
+  assert "missing (1): decoder/layers_1/mlp/wo/kernel" in str(err.value)
+  assert "unexpected (1): decoder/layers_1/extra/kernel" in str(err.value)
+
+
+def _chunks_by_hand(folder, spec):
+  """One zarr array decoded with gzip and NumPy from T5X's spec (its chunks span the array)."""
+  meta = spec["metadata"]
+  assert meta["chunks"] == meta["shape"] and meta["compressor"]["id"] == "gzip"
+  name = ".".join(["0"] * len(meta["shape"])) or "0"
+  raw = gzip.decompress((folder / spec["kvstore"]["path"] / name).read_bytes())
+  return np.frombuffer(raw, np.dtype(spec["dtype"]).newbyteorder("<")).reshape(meta["shape"])
+
+
+def test_tensorstore_layout_reads_back_the_stored_arrays(shared_data):
+  folder = shared_data / "t5x_checkpoints/tiny_t5/checkpoint_1"
+  specs = serialization.msgpack_restore((folder / "checkpoint").read_bytes())
+  specs = specs["optimizer"]["state"]["param_states"]
+  ckpt = t5x.T5XCheckpoint(folder)
+  assert ckpt.layout == "tensorstore" and ckpt.step == 1
+  for name in ("kernel", "bias", "step"):
+    got = ckpt.read(f"optimizer/state/param_states/{name}")
+    want = _chunks_by_hand(folder, specs[name])
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+  assert ckpt.shape("optimizer/state/param_states/kernel") == (10, 5)
+
+
+def test_orbax_layout_reads_the_same_state(shared_data, tmp_path):
+  """T5X's orbax copy of the same state; its .zarray files were lost in the copy to T5X's test
+  data, so they are put back here from the tensorstore layout's metadata (with orbax's zstd)."""
+  base = shared_data / "t5x_checkpoints"
+  with pytest.raises(FileNotFoundError, match=r"\.zarray"):
+    t5x.T5XCheckpoint(base / "tiny_orbax/1").read("_optimizer/state/param_states/kernel")
+  shutil.copytree(base / "tiny_orbax/1", tmp_path / "1")
+  ts_ckpt = t5x.T5XCheckpoint(base / "tiny_t5/checkpoint_1")
+  names = {"param_states/kernel": "float64", "param_states/bias": "float32",
+           "param_states/step": "int32", "step": "int32"}
+  for name, dtype in names.items():
+    want = ts_ckpt.read(f"optimizer/state/{name}")
+    folder = tmp_path / "1" / f"_optimizer.state.{name.replace('/', '.')}"
+    folder.chmod(0o755)
+    (folder / ".zarray").write_text(json.dumps({
+        "zarr_format": 2, "shape": list(want.shape), "chunks": list(want.shape),
+        "dtype": np.dtype(dtype).newbyteorder("<").str, "compressor": {"id": "zstd", "level": 1},
+        "fill_value": None, "order": "C", "filters": None}))
+  ckpt = t5x.T5XCheckpoint(tmp_path / "1")
+  assert ckpt.layout == "orbax"
+  for name in names:
+    np.testing.assert_array_equal(ckpt.read(f"_optimizer/state/{name}"),
+                                  ts_ckpt.read(f"optimizer/state/{name}"))
+
+
+def test_orbax_pytree_of_t5x_orbax_manager(tiny, tmp_path):
+  import orbax.checkpoint as ocp
+
+  path, target, model = tiny
+  tree = {"target": serialization.msgpack_restore(path.read_bytes())["optimizer"]["target"],
+          "state": {"step": np.int32(7)}}
+  ocp.PyTreeCheckpointer().save(tmp_path / "7" / "state", tree)
+  ckpt = t5x.T5XCheckpoint(tmp_path / "7")
+  assert (ckpt.layout, ckpt.step) == ("orbax-ocdbt", 7)
+  params = t5x.t5x_to_params(model.config, ckpt)
+  ours = hf_import.backbone_params(model)
+  assert params.keys() == ours.keys()
+  for p in params:
+    np.testing.assert_array_equal(params[p], np.asarray(ours[p][...]))
