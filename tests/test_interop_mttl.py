@@ -14,7 +14,7 @@ from mhr_jax.interop import mttl, slots
 from mhr_jax.interop.slots import AdapterImportError
 
 BACKBONE = t5_ref.FIXTURES / "t5_tiny_v1_1"  # d_model 32, 4 heads of 8, d_ff 48; 2 + 3 layers
-S, K, R, T = 4, 3, 2, 3
+S, K, R, T = 4, 4, 2, 3  # the PEFT fixture's sizes, so its compiled forward is shared
 ALPHA = 4.0
 TASK_IDS = np.array([2, 0, 1], np.int32)
 # Hugging Face module of every layer the T0 setting adapts, with its (in, out) features.
@@ -96,7 +96,7 @@ def test_camera_ready_checkpoint_reproduces_the_directly_built_model(tmp_path, w
   model, report = mttl.load(BACKBONE, tmp_path / "adapters.safetensors", lora_alpha=ALPHA)
   assert report.layout == "mttl camera_ready" and not report.skipped
   assert len(report.mapped) == 3 * len(MODULES)
-  assert "mode mhr, n_splits=4, n_skills=3, rank=2, n_tasks=3" in report.notes[0]
+  assert "mode mhr, n_splits=4, n_skills=4, rank=2, n_tasks=3" in report.notes[0]
   np.testing.assert_allclose(logits(model), logits(direct), rtol=1e-6, atol=1e-6)
 
 

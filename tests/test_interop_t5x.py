@@ -143,3 +143,13 @@ def test_orbax_pytree_of_t5x_orbax_manager(tiny, tmp_path):
   assert params.keys() == ours.keys()
   for p in params:
     np.testing.assert_array_equal(params[p], np.asarray(ours[p][...]))
+
+
+def test_array_locations_resolve_against_the_checkpoint_folder():
+  from etils import epath
+
+  assert t5x._kvstore(epath.Path("gs://bucket/t5x/checkpoint_1"), "target.x/") == {
+      "driver": "gcs", "bucket": "bucket", "path": "t5x/checkpoint_1/target.x/"}
+  assert t5x._kvstore(epath.Path("/ckpt"), "state.step") == {"driver": "file",
+                                                             "path": "/ckpt/state.step/"}
+  assert t5x._kvstore(epath.Path("/ckpt"), "/elsewhere/a")["path"] == "/elsewhere/a/"

@@ -105,8 +105,7 @@ def _poly_arrays(config: Mapping, tensors: Mapping[str, np.ndarray]) -> dict[str
 
 
 def _lora_arrays(config: Mapping, tensors: Mapping[str, np.ndarray]) -> dict[str, LayerArrays]:
-  options = ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save",
-             "layers_to_transform")
+  options = ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save")
   unsupported = {k: config[k] for k in options if config.get(k)}
   if config.get("bias", "none") != "none":
     unsupported["bias"] = config["bias"]

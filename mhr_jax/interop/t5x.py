@@ -39,8 +39,10 @@ _TARGETS = (("optimizer", "target"), ("_optimizer", "target"), ("target",))
 
 
 def _kvstore(folder: epath.Path, relative: str) -> dict:
-  """A tensorstore kvstore spec for ``relative`` inside ``folder`` (local or ``gs://``)."""
-  full = str(folder / relative).rstrip("/") + "/"
+  """A tensorstore kvstore spec for ``relative`` inside ``folder`` (local or ``gs://``); an
+  absolute path or ``gs://`` address is taken as it is."""
+  absolute = relative.startswith(("/", "gs://"))
+  full = (relative if absolute else str(folder / relative)).rstrip("/") + "/"
   if full.startswith("gs://"):
     bucket, _, path = full[len("gs://"):].partition("/")
     return {"driver": "gcs", "bucket": bucket, "path": path}
