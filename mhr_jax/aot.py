@@ -165,13 +165,21 @@ def compile_train_step(state: AbstractTrainState, batch_size: int, lengths: dict
   return jitted.lower(state.trainable, state.frozen, state.opt_state, batch, rng).compile()
 
 
-def memory_report(state: AbstractTrainState, compiled) -> dict:
-  """Per-device memory of the compiled step (bytes), and the state one device holds."""
-  mem = compiled.memory_analysis()
+def state_report(state: AbstractTrainState) -> dict:
+  """Devices, parameter counts and the bytes of state one device holds (no compile)."""
   device = state.mesh.devices.flat[0]
-  out = {"devices": int(state.mesh.devices.size), "mesh": dict(state.mesh.shape),
-         "device_kind": device.device_kind, "platform": device.platform,
-         "parameters": state.counts}
+  return {"devices": int(state.mesh.devices.size), "mesh": dict(state.mesh.shape),
+          "device_kind": device.device_kind, "platform": device.platform,
+          "parameters": state.counts,
+          "state_bytes": {k: per_device_bytes(t) for k, t in (
+              ("trainable", state.trainable), ("frozen", state.frozen),
+              ("opt_state", state.opt_state))}}
+
+
+def memory_report(state: AbstractTrainState, compiled) -> dict:
+  """``state_report`` plus the per-device memory of the compiled step (bytes)."""
+  mem = compiled.memory_analysis()
+  out = state_report(state)
   for name in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
                "temp_size_in_bytes", "generated_code_size_in_bytes"):
     out[name] = int(getattr(mem, name))
@@ -179,9 +187,7 @@ def memory_report(state: AbstractTrainState, compiled) -> dict:
   # temporaries.
   out["total_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
                         - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
-  out["state_bytes"] = {k: per_device_bytes(t) for k, t in (
-      ("trainable", state.trainable), ("frozen", state.frozen), ("opt_state", state.opt_state))}
-  hbm = HBM_GIB.get(device.device_kind)
+  hbm = HBM_GIB.get(out["device_kind"])
   if hbm is not None:
     out["hbm_bytes"] = hbm * GIB
     out["fits"] = out["total_bytes"] <= out["hbm_bytes"]
@@ -195,13 +201,15 @@ def format_report(report: dict) -> str:
 
   lines = [f"{report['devices']} x {report['device_kind']} ({report['platform']}), mesh "
            f"{report['mesh']}; parameters {report['parameters']}",
-           "per device: " + ", ".join(f"{k.replace('_size_in_bytes', '')} {gib(report[k])}"
-                                      for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                                "alias_size_in_bytes", "temp_size_in_bytes")),
-           f"per device total (arguments + outputs - aliased + temporaries): "
-           f"{gib(report['total_bytes'])}",
            "state per device: " + ", ".join(f"{k} {gib(v)}"
                                             for k, v in report["state_bytes"].items())]
+  if "total_bytes" not in report:
+    return "\n".join(lines + ["(not compiled: state only)"])
+  lines += ["per device: " + ", ".join(f"{k.replace('_size_in_bytes', '')} {gib(report[k])}"
+                                       for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                 "alias_size_in_bytes", "temp_size_in_bytes")),
+            f"per device total (arguments + outputs - aliased + temporaries): "
+            f"{gib(report['total_bytes'])}"]
   if "hbm_bytes" in report:
     verdict = "fits" if report["fits"] else "DOES NOT FIT"
     lines.append(f"{verdict} in {gib(report['hbm_bytes'])} of HBM per device")
@@ -264,8 +272,10 @@ def configured_run(n_tasks: Optional[int]) -> dict:
   return args
 
 
-def check_run(args: dict, devices=None, *, compiler_options: Optional[dict] = None) -> dict:
-  """Compiles a configured run's train step on ``devices`` and returns its memory report."""
+def check_run(args: dict, devices=None, *, compile_step: bool = True,
+              compiler_options: Optional[dict] = None) -> dict:
+  """Compiles a configured run's train step on ``devices`` and returns its memory report
+  (``state_report`` only, without ``compile_step``)."""
   from mhr_jax import sharding
 
   opt = dataclasses.replace(args["optimizer_config"],
@@ -275,6 +285,8 @@ def check_run(args: dict, devices=None, *, compiler_options: Optional[dict] = No
   state = abstract_train_state(args["model_config"].t5_config(), args["adapter_config"], opt,
                                mesh, rules, n_tasks=args["n_tasks"],
                                seed=args["train_config"].seed)
+  if not compile_step:
+    return state_report(state)
   data_cfg, train_cfg = args["data_config"], args["train_config"]
   compiled = compile_train_step(
       state, data_cfg.batch_size, data_cfg.feature_lengths,
@@ -292,6 +304,10 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--cpu_devices", type=int, default=8,
                       help="fake CPU devices without --topology (default 8)")
   parser.add_argument("--n_tasks", type=int, help="routing rows (default: the mixture's tasks)")
+  parser.add_argument("--fast_compile", action="store_true",
+                      help="XLA options that trade the program's speed for compile time (CPU)")
+  parser.add_argument("--state_only", action="store_true",
+                      help="report parameters and state per device without compiling")
   parser.add_argument("--json", help="also write the report to this file")
   args, rest = parser.parse_known_args(argv)
   args.gin_bindings = []
@@ -314,7 +330,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   train.parse_gin(args.gin_file, ["MODEL_DIR = 'aot'", "MIXTURE = 'aot'", *args.gin_bindings],
                   args.gin_search_path)
   devices = tpu_devices(args.topology) if args.topology else None
-  report = check_run(configured_run(args.n_tasks), devices)
+  from mhr_jax import sharding
+
+  report = check_run(configured_run(args.n_tasks), devices, compile_step=not args.state_only,
+                     compiler_options=sharding.FAST_COMPILE if args.fast_compile else None)
   print(format_report(report))
   if args.json:
     with open(args.json, "w") as f:
