@@ -29,7 +29,6 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-FULL = "full"  # adapter mode of a run without adapters (the trainer's name for it)
 GIB = 2 ** 30
 # HBM per device (GiB) of the TPU generations, by ``device_kind`` (Cloud TPU system architecture,
 # cloud.google.com/tpu/docs/system-architecture-tpu-vm).
@@ -49,9 +48,10 @@ class AbstractTrainState:
     graphdef: the model's structure.
     trainable, frozen, opt_state: trees of ``jax.ShapeDtypeStruct`` carrying their shardings.
     shardings: (trainable, frozen, opt_state) shardings, as ``steps.jit_train_step`` takes them.
-    optimizer: the optax transformation (or row-sparse optimizer) of the run.
-    mode: the adapter mode (``"full"`` without adapters).
-    counts: parameter counts (``adapters.parameter_counts``; ``trainable`` only in ``full``).
+    optimizer: the optax transformation, or the ``row_sparse.RowSparseOptimizer``, of the run.
+    make_step: ``steps.make_train_step`` or ``row_sparse.make_train_step``, to match it.
+    mode: the run's ``modes.Mode`` (``modes.FULL`` without adapters).
+    counts: parameter counts (``adapters.parameter_counts``).
     mesh, rules: the mesh and logical-axis rules.
   """
 
@@ -61,7 +61,8 @@ class AbstractTrainState:
   opt_state: Any
   shardings: tuple
   optimizer: Any
-  mode: str
+  make_step: Any
+  mode: Any
   counts: dict
   mesh: Any
   rules: Any
@@ -83,9 +84,9 @@ def abstract_train_state(t5_config, adapter_config, optimizer_config, mesh, rule
   import jax
   from flax import nnx
 
-  from mhr_jax import adapters, network, optimizers, sharding
+  from mhr_jax import adapters, modes, network, optimizers, row_sparse, sharding, steps
 
-  mode = adapter_config.mode if adapter_config is not None else FULL
+  mode = modes.FULL if adapter_config is None else modes.get_mode(adapter_config.mode)
   factory = None
   if adapter_config is not None:
     factory = adapters.make_adapter_factory(dataclasses.replace(adapter_config, n_tasks=n_tasks))
@@ -95,21 +96,24 @@ def abstract_train_state(t5_config, adapter_config, optimizer_config, mesh, rule
     return network.T5(t5_config, rngs=rngs, adapter_factory=factory)
 
   abstract = nnx.eval_shape(build)
-  what_trains = nnx.Param if mode == FULL else adapters.trainable_filter(mode)
-  graphdef, trainable, frozen = nnx.split(abstract, what_trains, ...)
-  if mode == FULL:
-    tx = optimizers.make_full_optimizer(optimizer_config)
-    counts = {"trainable": sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))}
+  graphdef, trainable, frozen = steps.split_model(abstract, adapters.trainable_filter(mode.name))
+  if row_sparse.applies(optimizer_config, trainable):
+    row_sparse.check_support(frozen)
+    tx, make_step = row_sparse.RowSparseOptimizer(optimizer_config, trainable), \
+        row_sparse.make_train_step
+  elif mode.has_adapters:
+    tx, make_step = optimizers.make_optimizer(optimizer_config, trainable), steps.make_train_step
   else:
-    tx = optimizers.make_optimizer(optimizer_config, trainable)
-    counts = adapters.parameter_counts(abstract, mode)
+    tx, make_step = optimizers.make_full_optimizer(optimizer_config), steps.make_train_step
   opt_state = jax.eval_shape(tx.init, trainable)
   shardings = tuple(sharding.state_shardings(t, mesh, rules)
                     for t in (trainable, frozen, opt_state))
   trees = [sharding.abstract_with_shardings(t, s)
            for t, s in zip((trainable, frozen, opt_state), shardings)]
-  return AbstractTrainState(graphdef, *trees, shardings=shardings, optimizer=tx, mode=mode,
-                            counts=counts, mesh=mesh, rules=rules)
+  return AbstractTrainState(graphdef, *trees, shardings=shardings, optimizer=tx,
+                            make_step=make_step, mode=mode,
+                            counts=adapters.parameter_counts(abstract, mode.name), mesh=mesh,
+                            rules=rules)
 
 
 def abstract_batch(batch_size: int, lengths: dict, mesh) -> dict:
@@ -156,7 +160,7 @@ def compile_train_step(state: AbstractTrainState, batch_size: int, lengths: dict
     return models.loss_fn(model, batch, deterministic=False, label_smoothing=label_smoothing,
                           normalize_by=loss_normalization)
 
-  step_fn = steps.make_train_step(state.graphdef, state.optimizer, loss)
+  step_fn = state.make_step(state.graphdef, state.optimizer, loss)
   jitted = steps.jit_train_step(step_fn, state.mesh, *state.shardings, rules=state.rules,
                                 compiler_options=compiler_options)
   rng = jax.eval_shape(lambda: jax.random.key(0))
@@ -224,8 +228,10 @@ def tpu_devices(topology: str):
   """The devices of a TPU slice by topology name, for compiling only (needs libtpu).
 
   Raises:
-    RuntimeError: libtpu is missing or does not know the topology (jax's message kept).
+    errors.ConfigError: libtpu is missing or does not know the topology (jax's message kept).
   """
+  from mhr_jax import errors
+
   for k, v in _LIBTPU_ENV.items():
     os.environ.setdefault(k, v)
   from jax.experimental import topologies
@@ -233,8 +239,8 @@ def tpu_devices(topology: str):
   try:
     return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
   except RuntimeError as e:
-    raise RuntimeError(f"no TPU topology {topology!r}: {e} (install libtpu: "
-                       "pip install -e '.[tpu]')") from e
+    raise errors.ConfigError(f"no TPU topology {topology!r}: {e} (install libtpu: "
+                             "pip install -e '.[tpu]')") from e
 
 
 def _run_argument(name: str, default):
@@ -254,7 +260,7 @@ def configured_run(n_tasks: Optional[int]) -> dict:
   """The configs ``trainer.run`` would receive from the parsed gin files, and ``n_tasks``."""
   import inspect
 
-  from mhr_jax import trainer
+  from mhr_jax import errors, trainer
 
   defaults = {k: p.default for k, p in inspect.signature(trainer.run).parameters.items()}
   args = {k: _run_argument(k, defaults[k]) for k in (
@@ -266,8 +272,9 @@ def configured_run(n_tasks: Optional[int]) -> dict:
     try:
       n_tasks = data.TaskIdTable.from_mixture(args["data_config"].mixture).n_tasks
     except Exception as e:  # seqio raises several types for an unknown name
-      raise ValueError("give --n_tasks (the mixture's task count, the routing rows): "
-                       f"{args['data_config'].mixture!r} is not a registered mixture ({e})") from e
+      raise errors.ConfigError("give --n_tasks (the mixture's task count, the routing rows): "
+                               f"{args['data_config'].mixture!r} is not a registered mixture ({e})"
+                               ) from e
   args["n_tasks"] = n_tasks
   return args
 

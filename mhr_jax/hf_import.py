@@ -233,7 +233,7 @@ def save_hf(model: T5, path: str | pathlib.Path) -> None:
   """Writes ``config.json`` and ``model.safetensors`` that Hugging Face ``transformers`` loads.
 
   Raises:
-    ValueError: the model has adapters, which a plain T5 checkpoint cannot hold (nothing is
+    errors.ConfigError: the model has adapters, which a plain T5 checkpoint cannot hold (nothing is
       written): fold one task's adapter in with ``adapters.merge(model, task_id)`` first, or write
       the adapters beside the backbone with ``mhr_jax.interop.peft.save_poly`` / ``save_lora``.
   """
@@ -242,7 +242,7 @@ def save_hf(model: T5, path: str | pathlib.Path) -> None:
   adapted = ["/".join(str(p) for p in path) for path, node in nnx.iter_graph(model)
              if isinstance(node, Dense) and node.adapter is not None]
   if adapted:
-    raise ValueError(
+    raise errors.ConfigError(
         f"save_hf writes the backbone only, and the model has {len(adapted)} adapters "
         f"({adapted[0]}, ...) that it would drop: merge one task's adapter in with "
         "adapters.merge(model, task_id), or save the adapters in PEFT's format with "

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 from flax import nnx
 
-from mhr_jax import adapters, hf_import
+from mhr_jax import adapters, errors, hf_import
 from mhr_jax.interop import hf_names, slots
 from mhr_jax.interop.slots import AdapterImportError, ImportReport, LayerArrays
 from mhr_jax.network import T5
@@ -53,7 +53,7 @@ def read_checkpoint(checkpoint) -> tuple[dict[str, np.ndarray], dict]:
   if not isinstance(checkpoint, Mapping):
     path = pathlib.Path(checkpoint)
     if not path.exists():
-      raise FileNotFoundError(f"{path} not found")
+      raise errors.MissingFileError(f"{path} not found")
     if path.suffix == ".safetensors":
       from safetensors.numpy import load_file
 
@@ -135,7 +135,7 @@ def layer_arrays(
     strict: refuse tensors that are not adapters of adaptable layers (else skip and report them).
   """
   if layout not in ("auto",) + LAYOUTS:
-    raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}; got {layout!r}")
+    raise errors.ConfigError(f"layout must be 'auto' or one of {LAYOUTS}; got {layout!r}")
   problems, skipped = [], {}
   grouped: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
   for key in sorted(state):

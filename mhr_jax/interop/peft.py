@@ -29,7 +29,7 @@ from typing import Mapping, Optional
 import numpy as np
 from flax import nnx
 
-from mhr_jax import adapters, hf_import
+from mhr_jax import adapters, errors, hf_import
 from mhr_jax.interop import hf_names, slots
 from mhr_jax.interop.slots import AdapterImportError, ImportReport, LayerArrays
 
@@ -39,6 +39,7 @@ TASK_TYPE = "SEQ_2_SEQ_LM"
 PREFIX = "base_model.model."
 _POLY = ("poly_lora_A", "poly_lora_B", "poly_router.module_logits")
 _LORA = ("lora_A.weight", "lora_B.weight")
+POLY_TYPE = "poly"  # PolyConfig.poly_type: the one router PEFT has
 
 
 def read_adapter(path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -48,15 +49,16 @@ def read_adapter(path) -> tuple[dict, dict[str, np.ndarray]]:
   path = pathlib.Path(path)
   cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
   if not cfg_file.exists():
-    raise FileNotFoundError(f"{cfg_file} not found: a PEFT adapter folder needs {CONFIG_FILE}")
+    raise errors.MissingFileError(
+        f"{cfg_file} not found: a PEFT adapter folder needs {CONFIG_FILE}")
   if not weights.exists():
     other = sorted(p.name for p in path.glob("adapter_model.*"))
     hint = f" (found {other}: re-save it with safe_serialization=True)" if other else ""
-    raise FileNotFoundError(f"{weights} not found{hint}")
+    raise errors.MissingFileError(f"{weights} not found{hint}")
   try:
     config = json.loads(cfg_file.read_text())
   except json.JSONDecodeError as e:
-    raise ValueError(f"{cfg_file}: malformed JSON: {e}") from e
+    raise errors.CheckpointError(f"{cfg_file}: malformed JSON: {e}") from e
   return config, {k: v.astype(np.float32) for k, v in load_file(str(weights)).items()}
 
 
@@ -85,7 +87,7 @@ def _check_shape(key: str, arr: np.ndarray, want: tuple, what: str, problems: li
 
 
 def _poly_arrays(config: Mapping, tensors: Mapping[str, np.ndarray]) -> dict[str, LayerArrays]:
-  if config.get("poly_type", "poly") != "poly":
+  if config.get("poly_type", POLY_TYPE) != POLY_TYPE:
     raise AdapterImportError(f"poly_type {config['poly_type']!r}: only 'poly' is known")
   r, t, k, s = (int(config[f]) for f in ("r", "n_tasks", "n_skills", "n_splits"))
   problems: list[str] = []
@@ -219,8 +221,8 @@ def save_poly(model: nnx.Module, path, *, base_model_name_or_path: Optional[str]
   """
   arrays, scale = slots.extract(model)
   if not all(a.routed for a in arrays.values()):
-    raise ValueError("save_poly writes routed (poly / mhr) adapters; this model has plain LoRA "
-                     "adapters: use save_lora")
+    raise errors.ConfigError("save_poly writes routed (poly / mhr) adapters; this model has plain "
+                             "LoRA adapters: use save_lora")
   cfg = slots.adapter_config(arrays)
   fold = scale * cfg.lora_rank  # PEFT multiplies by 1 / r; we by alpha / r
   tensors = {}
@@ -231,7 +233,7 @@ def save_poly(model: nnx.Module, path, *, base_model_name_or_path: Optional[str]
     tensors[f"{module}.poly_router.module_logits"] = a.router_logits
   config = _common_config("POLY", cfg.lora_rank, target_modules(model, arrays),
                           base_model_name_or_path)
-  config.update(poly_type="poly", n_tasks=cfg.n_tasks, n_skills=cfg.n_skills,
+  config.update(poly_type=POLY_TYPE, n_tasks=cfg.n_tasks, n_skills=cfg.n_skills,
                 n_splits=cfg.n_splits, init_weights=True)
   return _write(path, config, tensors)
 
@@ -246,8 +248,8 @@ def save_lora(model: nnx.Module, path, *, task_id: Optional[int] = None,
   """
   arrays, scale = slots.extract(model, task_id=task_id)
   if any(a.routed for a in arrays.values()):
-    raise ValueError("the model's adapters are routed: pass task_id to export one task's "
-                     "adapter as LoRA, or use save_poly for every task")
+    raise errors.ConfigError("the model's adapters are routed: pass task_id to export one task's "
+                             "adapter as LoRA, or use save_poly for every task")
   rank = slots.adapter_config(arrays).lora_rank
   tensors = {}
   for p, a in arrays.items():

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mhr_jax import adapters, layers, routing
+from mhr_jax import adapters, errors, layers, routing
 from mhr_jax.interop import hf_names
 
 
-class AdapterImportError(ValueError):
+class AdapterImportError(errors.CheckpointMismatchError):
   """Adapter tensors that cannot be mapped onto the model; the message names every one."""
 
 
@@ -210,7 +210,8 @@ def extract(model: nnx.Module, *, task_id: Optional[int] = None
       out[path] = LayerArrays(np.asarray(ad.lora_a[...], np.float32),
                               np.asarray(ad.lora_b[...], np.float32))
   if not out:
-    raise ValueError("the model has no adapters to export")
+    raise errors.ConfigError("the model has no adapters to export")
   if len(scales) > 1:
-    raise ValueError(f"adapters with different scales {sorted(scales)}: one alpha / r per file")
+    raise errors.ConfigError(
+        f"adapters with different scales {sorted(scales)}: one alpha / r per file")
   return out, scales.pop()

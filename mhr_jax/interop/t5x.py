@@ -27,8 +27,8 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mhr_jax import hf_import
-from mhr_jax.hf_import import CheckpointMismatchError
+from mhr_jax import errors, hf_import
+from mhr_jax.errors import CheckpointMismatchError
 from mhr_jax.layers import AdapterFactory
 from mhr_jax.network import T5, T5Config
 
@@ -67,7 +67,7 @@ def _read_zarr(spec: dict, name: str) -> np.ndarray:
     return np.asarray(ts.open(lenient, open=True, read=True).result().read().result())
   except ValueError as e:
     if "NOT_FOUND" not in str(e) or not {"shape", "chunks"} <= set(metadata):
-      raise FileNotFoundError(
+      raise errors.MissingFileError(
           f"{name}: cannot read its zarr array at {spec['kvstore']}: {e} (an orbax array folder "
           "needs its .zarray file: copy checkpoints with their hidden files)") from e
   store = ts.open(spec, open=True, read=True, assume_metadata=True).result()
@@ -116,7 +116,8 @@ class T5XCheckpoint:
     try:
       state = serialization.msgpack_restore(path.read_bytes())
     except Exception as e:  # msgpack raises several unrelated types
-      raise ValueError(f"{path}: not a T5X msgpack checkpoint ({type(e).__name__}: {e})") from e
+      raise errors.CheckpointError(
+          f"{path}: not a T5X msgpack checkpoint ({type(e).__name__}: {e})") from e
     self.leaves, kinds = {}, set()
     for parts, value in _flatten(state):
       name = "/".join(parts)
@@ -142,7 +143,8 @@ class T5XCheckpoint:
     try:
       tree = ocp.PyTreeCheckpointer().restore(path)
     except (FileNotFoundError, ValueError) as e:
-      raise ValueError(f"{path}: neither a T5X checkpoint file nor an orbax PyTree: {e}") from e
+      raise errors.CheckpointError(
+          f"{path}: neither a T5X checkpoint file nor an orbax PyTree: {e}") from e
     return {"/".join(p): np.asarray(v) for p, v in _flatten(tree)}
 
   def shape(self, name: str) -> Optional[tuple[int, ...]]:
@@ -168,7 +170,8 @@ class T5XCheckpoint:
       prefix = "/".join(parts) + "/"
       if any(n.startswith(prefix) for n in self.leaves):
         return prefix
-    raise ValueError(f"{self.path}: no parameters (looked for {['/'.join(p) for p in _TARGETS]})")
+    looked = ["/".join(p) for p in _TARGETS]
+    raise errors.CheckpointError(f"{self.path}: no parameters (looked for {looked})")
 
   def params(self) -> dict[str, Any]:
     """{parameter name relative to the target folder: leaf}; optimizer state left out."""
@@ -195,7 +198,7 @@ def _layer_count(names, stack: str) -> int:
   ids = {int(n.split("/")[1][len("layers_"):]) for n in names
          if n.startswith(f"{stack}/layers_") and n.split("/")[1][len("layers_"):].isdigit()}
   if ids != set(range(len(ids))):
-    raise ValueError(f"{stack} layers are not numbered 0..n-1: {sorted(ids)}")
+    raise errors.CheckpointError(f"{stack} layers are not numbered 0..n-1: {sorted(ids)}")
   return len(ids)
 
 
@@ -211,7 +214,7 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], **overrides) -> T5
           "encoder/layers_0/attention/query/kernel")
   missing = [n for n in need if n not in shapes]
   if missing:
-    raise ValueError(f"cannot derive a T5 config: no {missing} among the parameters")
+    raise errors.CheckpointError(f"cannot derive a T5 config: no {missing} among the parameters")
   vocab, d_model = shapes["token_embedder/embedding"]
   heads, buckets = shapes["encoder/relpos_bias/rel_embedding"]
   inner = math.prod(shapes["encoder/layers_0/attention/query/kernel"][1:])
