@@ -101,7 +101,7 @@ def build_state(kind: modes.RunKind, model_dir: pathlib.Path, model_cfg: ModelCo
   _shard_and_jit(state, tx, mesh, rules)
   state.metadata = checkpoints.make_metadata(
       mode=mode.name, task_table=table.as_dict(), trainable=state.trainable,
-      backbone=model_cfg.hf_checkpoint or model_cfg.backbone_run,
+      backbone=model_cfg.backbone,
       model_config=dataclasses.asdict(model_cfg),
       adapter_config=_adapter_dict(adapter_cfg, table) if mode.has_adapters else None)
   state.metadata.update(
@@ -153,6 +153,11 @@ def _build_t5(model_cfg: ModelConfig, adapter_cfg: Optional[adapters.AdapterConf
   if model_cfg.hf_checkpoint:
     tensors = hf_import.read_safetensors_dir(model_cfg.hf_checkpoint)
     hf_import.assign_backbone(model, hf_import.hf_to_params(cfg, tensors))
+  elif model_cfg.t5x_checkpoint:
+    from mhr_jax.interop import t5x
+
+    ckpt = t5x.T5XCheckpoint(model_cfg.t5x_checkpoint)
+    hf_import.assign_backbone(model, t5x.t5x_to_params(cfg, ckpt))
   elif model_cfg.backbone_run:
     checkpoints.restore_into(model, model_cfg.backbone_run, adapters.BACKBONE)
   return model

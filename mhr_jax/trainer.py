@@ -51,21 +51,39 @@ class ModelConfig:
   """The backbone.
 
   Attributes:
-    size: a preset of ``network.PRESETS`` (ignored when ``hf_checkpoint`` is set).
+    size: a preset of ``network.PRESETS`` (ignored when a checkpoint is set).
     overrides: T5Config fields to override (e.g. ``vocab_size``, ``dtype``, ``dropout_rate``).
     hf_checkpoint: a Hugging Face T5 directory to load the backbone from.
+    t5x_checkpoint: a T5X checkpoint (a ``checkpoint_<step>`` folder or its ``checkpoint`` file;
+      msgpack, tensorstore or orbax layout) to load the backbone from; its config is derived from
+      the arrays (``interop.t5x.config_from_shapes``).
     backbone_run: a model directory of a ``full``-mode run whose final parameters are the backbone.
   """
 
   size: str = "tiny"
   overrides: dict = dataclasses.field(default_factory=dict)
   hf_checkpoint: Optional[str] = None
+  t5x_checkpoint: Optional[str] = None
   backbone_run: Optional[str] = None
 
+  def __post_init__(self):
+    if self.hf_checkpoint and self.t5x_checkpoint:
+      raise errors.ConfigError("ModelConfig: set hf_checkpoint or t5x_checkpoint, not both "
+                               f"({self.hf_checkpoint!r}, {self.t5x_checkpoint!r})")
+
+  @property
+  def backbone(self) -> Optional[str]:
+    """Where the backbone's weights come from (None: freshly initialized)."""
+    return self.hf_checkpoint or self.t5x_checkpoint or self.backbone_run
+
   def t5_config(self) -> network.T5Config:
-    """The backbone's T5 config: the Hugging Face directory's or the preset's, overridden."""
+    """The backbone's T5 config: the checkpoint's or the preset's, overridden."""
     if self.hf_checkpoint:
       return hf_import.config_from_hf(hf_import.read_config(self.hf_checkpoint), **self.overrides)
+    if self.t5x_checkpoint:
+      from mhr_jax.interop import t5x
+
+      return t5x.config_from_checkpoint(t5x.T5XCheckpoint(self.t5x_checkpoint), **self.overrides)
     return network.preset(self.size, **self.overrides)
 
 

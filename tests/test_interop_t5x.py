@@ -10,6 +10,7 @@ import gzip
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from flax import serialization
@@ -153,3 +154,68 @@ def test_array_locations_resolve_against_the_checkpoint_folder():
   assert t5x._kvstore(epath.Path("/ckpt"), "state.step") == {"driver": "file",
                                                              "path": "/ckpt/state.step/"}
   assert t5x._kvstore(epath.Path("/ckpt"), "/elsewhere/a")["path"] == "/elsewhere/a/"
+
+
+def _gin_model_config(path):
+  """``ModelConfig`` as gin builds it with ``ModelConfig.t5x_checkpoint`` bound."""
+  import gin
+
+  from mhr_jax import trainer
+
+  with gin.unlock_config():
+    gin.parse_config([f"ModelConfig.t5x_checkpoint = '{path}'",
+                      "ModelConfig.overrides = {'dropout_rate': 0.0}"])
+  try:
+    return trainer.ModelConfig()
+  finally:
+    gin.clear_config()
+
+
+LORA = dict(mode="lora", n_skills=1, lora_rank=2, layers="super_ni")
+
+
+def test_a_run_builds_its_backbone_from_a_t5x_checkpoint_bound_in_gin(tiny):
+  from mhr_jax import adapters, data, run_state, sharding
+
+  path, target, _ = tiny
+  model_config = _gin_model_config(path)
+  assert model_config.t5x_checkpoint == str(path) and model_config.backbone == str(path)
+  model = run_state.build_model(model_config, adapters.AdapterConfig(**LORA),
+                                data.TaskIdTable(("t",)), None, 0,
+                                sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1]),
+                                sharding.logical_rules("dp"))
+  ours = {p: np.asarray(v[...]) for p, v in hf_import.backbone_params(model).items()}
+  assert len(ours) == len(target) == 52
+  for name in (("token_embedder", "embedding"), ("decoder", "logits_dense", "kernel"),
+               ("encoder", "layers_1", "mlp", "wi_0", "kernel")):
+    np.testing.assert_array_equal(ours[name], target[name], err_msg="/".join(name))
+  np.testing.assert_array_equal(ours[("encoder", "relpos_bias", "rel_embedding")],
+                                target[("encoder", "relpos_bias", "rel_embedding")].T)
+  assert model.config.d_model == 8 and model.config.dropout_rate == 0.0
+
+
+@pytest.mark.slow  # a 2-step training run on the 32k-vocabulary model: ~35 s on 2 cores
+def test_training_starts_from_a_t5x_checkpoint(tiny, tmp_path):
+  """Only adapters are saved; the checkpoint is recorded as the run's backbone."""
+  from mhr_jax import adapters, checkpoints, trainer
+
+  path, target, _ = tiny
+  res = trainer.run(
+      kind="pretrain", model_dir=str(tmp_path / "run"), model_config=_gin_model_config(path),
+      adapter_config=adapters.AdapterConfig(**LORA),
+      data_config=trainer.DataConfig(mixture="synthetic_pretrain", batch_size=8,
+                                     feature_lengths={"inputs": 16, "targets": 16}),
+      train_config=trainer.TrainConfig(steps=2, checkpoint_every=2, log_every=1))
+  assert res["parameters"]["backbone"] == sum(a.size for a in target.values())
+  saved = checkpoints.read_params(tmp_path / "run")
+  assert saved and all("adapter" in "/".join(k) for k in saved)
+  assert checkpoints.read_metadata(tmp_path / "run")["backbone"] == str(path)
+
+
+def test_a_backbone_from_two_checkpoints_is_refused(tmp_path):
+  from mhr_jax import errors, trainer
+
+  with pytest.raises(errors.ConfigError, match="hf_checkpoint or t5x_checkpoint, not both"):
+    trainer.ModelConfig(hf_checkpoint="/hf", t5x_checkpoint="/t5x")
+  with pytest.raises(errors.MissingFileError, match="no T5X checkpoint there"):
+    trainer.ModelConfig(t5x_checkpoint=str(tmp_path / "absent")).t5_config()

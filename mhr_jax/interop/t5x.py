@@ -105,6 +105,9 @@ class T5XCheckpoint:
 
   def __init__(self, path):
     path = epath.Path(path)
+    if not path.exists():
+      raise errors.MissingFileError(f"{path}: no T5X checkpoint there (a checkpoint_<step> "
+                                    "folder or its 'checkpoint' file)")
     if path.is_dir() and (path / "checkpoint").exists():
       path = path / "checkpoint"
     self.path = path
@@ -273,6 +276,12 @@ def t5x_to_params(cfg: T5Config, ckpt: T5XCheckpoint) -> dict[tuple[str, ...], n
   return out
 
 
+def config_from_checkpoint(ckpt: T5XCheckpoint, **overrides) -> T5Config:
+  """The T5 config of a T5X checkpoint's parameters (``config_from_shapes``), overridden."""
+  return config_from_shapes({n: ckpt.shape(full) for n, full in ckpt.params().items()},
+                            **overrides)
+
+
 def load_t5x(path, *, adapter_factory: Optional[AdapterFactory] = None,
              rngs: Optional[nnx.Rngs] = None, **config_overrides) -> T5:
   """Our T5 from a T5X checkpoint (file or folder), with adapters where ``adapter_factory`` says.
@@ -281,9 +290,7 @@ def load_t5x(path, *, adapter_factory: Optional[AdapterFactory] = None,
   other fields (``dtype``, ``dropout_rate``, ``relative_attention_max_distance``, ...).
   """
   ckpt = T5XCheckpoint(path)
-  params = ckpt.params()
-  cfg = config_from_shapes({n: ckpt.shape(full) for n, full in params.items()},
-                           **config_overrides)
+  cfg = config_from_checkpoint(ckpt, **config_overrides)
   model = T5(cfg, rngs=rngs or nnx.Rngs(0), adapter_factory=adapter_factory)
   hf_import.assign_backbone(model, t5x_to_params(cfg, ckpt))
   return model
