@@ -9,7 +9,7 @@
 #           this checkout to ~/mhr_jax on every worker and installs it with the `tpu` extra into
 #           ~/mhr_jax/.venv. Every step can run again: an existing slice is reused, the copy is
 #           overwritten, an existing venv is kept and pip only adds what is missing.
-# --model_dir  passed as --gin.MODEL_DIR; every worker must be able to write it.
+# --model_dir  passed as --gin.MODEL_DIR: a bucket (gs://...) that every worker can write.
 # --dry_run    prints every command instead of running it.
 # Every worker runs the same command; `--distributed=auto` makes each call
 # jax.distributed.initialize(), which reads the slice's topology.
@@ -65,9 +65,9 @@ fi
 train=(.venv/bin/python -m mhr_jax.train --distributed=auto)
 if [[ -n $model_dir ]]; then
   train+=("--gin.MODEL_DIR='$model_dir'")
-  if [[ $model_dir == gs://* ]]; then
-    echo "tpu_vm.sh: note: the trainer writes MODEL_DIR with local file operations; until it" \
-         "writes buckets, give a directory that every worker mounts at the same path" >&2
+  if [[ $model_dir != gs://* ]]; then
+    echo "tpu_vm.sh: note: --model_dir $model_dir is not a bucket: on a pod slice each worker" \
+         "has its own disk, so give gs://BUCKET/PATH (or a folder all workers mount)" >&2
   fi
 fi
 run "${tpu_vm[@]}" ssh "$tpu" --zone "$zone" --worker=all --command \

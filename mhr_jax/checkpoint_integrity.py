@@ -55,12 +55,17 @@ def write_manifest(step_dir: epath.PathLike, step: int) -> None:
 
 
 def pending_directory(directory: epath.PathLike, step: int) -> epath.Path:
-  """The temporary directory orbax is writing ``step`` into (the newest, if several)."""
+  """The directory orbax is writing ``step`` into, not yet committed: the newest temporary
+  directory on a file system; on a bucket (``gs://``), where orbax writes into the step's own
+  folder and commits by adding the marker, that folder."""
   directory = epath.Path(directory)
   found = sorted(p for p in directory.iterdir() if p.name.startswith(f"{step}{TMP_INFIX}"))
-  if not found:
-    raise FileNotFoundError(f"no temporary directory of step {step} in {directory}")
-  return found[-1]
+  if found:
+    return found[-1]
+  final = directory / str(step)
+  if final.is_dir() and not (final / COMMIT_MARKER).exists():
+    return final
+  raise FileNotFoundError(f"no uncommitted directory of step {step} in {directory}")
 
 
 def _read_json(path: epath.Path):

@@ -36,6 +36,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from mhr_jax import checkpoint_integrity as integrity
@@ -395,7 +396,7 @@ def _check_processes_agree(directory: str, step: Optional[int],
 
 def _run_manager(run_dir) -> tuple[CheckpointManager, int]:
   directory = os.path.join(os.fspath(run_dir), "checkpoints")
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise errors.MissingFileError(
         f"no checkpoints directory in run {run_dir} (looked for {directory})")
   step, damaged = integrity.newest_intact(directory)

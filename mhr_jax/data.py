@@ -35,6 +35,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 import seqio
 import tensorflow as tf
+from etils import epath
 
 from mhr_jax import errors
 
@@ -114,16 +115,16 @@ class TaskIdTable:
     return out
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes the table as JSON (``{"format": ..., "tasks": {name: id}}``)."""
-    with open(path, "w") as f:
-      json.dump({"format": _TABLE_FORMAT, "tasks": self.as_dict()}, f, indent=1)
+    """Writes the table as JSON (``{"format": ..., "tasks": {name: id}}``), locally or to a
+    bucket."""
+    epath.Path(path).write_text(
+        json.dumps({"format": _TABLE_FORMAT, "tasks": self.as_dict()}, indent=1))
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "TaskIdTable":
     """Reads a table written by `save`."""
     try:
-      with open(path) as f:
-        raw = json.load(f)
+      raw = json.loads(epath.Path(path).read_text())
     except FileNotFoundError:
       raise FileNotFoundError(f"Task-id table not found: {path}")
     except json.JSONDecodeError as e:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 import sys
 import time
 from typing import Mapping, Optional
+
+from etils import epath
+
+from mhr_jax import paths
 
 
 class Reporter:
@@ -16,7 +19,7 @@ class Reporter:
   Only process 0 of a multi-host run writes (``enabled=False`` elsewhere).
   """
 
-  def __init__(self, model_dir: str | pathlib.Path, total_steps: int, *, start_step: int = 0,
+  def __init__(self, model_dir: epath.PathLike, total_steps: int, *, start_step: int = 0,
                enabled: bool = True, tensorboard: bool = True, stream=None, prefix: str = ""):
     self.enabled = enabled
     self.total = total_steps
@@ -28,13 +31,11 @@ class Reporter:
     self._jsonl = None
     if not enabled:
       return
-    model_dir = pathlib.Path(model_dir)
+    model_dir = epath.Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(model_dir / "metrics.jsonl", "a", buffering=1)
+    self._jsonl = paths.AppendedFile(model_dir / "metrics.jsonl")
     if tensorboard:
-      from tensorboardX import SummaryWriter
-
-      self._tb = SummaryWriter(str(model_dir / "tensorboard"))
+      self._tb = paths.tensorboard_writer(model_dir / "tensorboard")
 
   def scalars(self, step: int, values: Mapping[str, float], *, split: str = "train") -> None:
     if not self.enabled:

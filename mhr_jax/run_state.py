@@ -10,11 +10,11 @@ never checkpointed. The configs are ``trainer``'s dataclasses.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import nnx
 
 from mhr_jax import (adapters, checkpoints, data, errors, hf_import, modes, models, network,
@@ -49,7 +49,7 @@ class RunState:
 
   kind: modes.RunKind
   mode: modes.Mode
-  model_dir: pathlib.Path
+  model_dir: epath.Path
   copies: list
   vmapped: bool
   graphdef: Any
@@ -65,7 +65,7 @@ class RunState:
   n_choices: Optional[int] = None
 
 
-def build_state(kind: modes.RunKind, model_dir: pathlib.Path, model_cfg: ModelConfig,
+def build_state(kind: modes.RunKind, model_dir: epath.Path, model_cfg: ModelConfig,
                 adapter_cfg: Optional[adapters.AdapterConfig],
                 opt_cfg: optimizers.OptimizerConfig, data_cfg: DataConfig,
                 train_cfg: TrainConfig, mesh_cfg: sharding.MeshConfig,

@@ -23,17 +23,17 @@ import contextlib
 import dataclasses
 import json
 import logging
-import pathlib
 import time
 from typing import Optional, Sequence
 
 import gin
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from mhr_jax import (adapters, checkpoints, data, errors, evaluation, hf_import, modes, network,
-                     optimizers, reporting, sharding, steps)
+                     optimizers, paths, reporting, sharding, steps)
 from mhr_jax.run_state import RunState, build_state
 
 import tasks.mixtures  # noqa: E402,F401  (registers the task collections)
@@ -261,17 +261,19 @@ def run(
     return finish(state, data_config, reporter, step=step, last_loss=last_loss, seconds=seconds)
 
 
-def _prepare_model_dir(model_dir: str, kind: modes.RunKind) -> pathlib.Path:
-  """The model directory, created, with the operative config written into it."""
-  path = pathlib.Path(model_dir).absolute()  # orbax needs absolute paths
+def _prepare_model_dir(model_dir: str, kind: modes.RunKind) -> epath.Path:
+  """The model directory (local or a bucket), created, with the operative config written into
+  it."""
+  path = paths.run_dir(model_dir)
   try:
     path.mkdir(parents=True, exist_ok=True)
     # An evaluation of a finished run writes beside it without replacing its files.
     if jax.process_index() == 0:
       (path / f"config{kind.output_suffix}.gin").write_text(gin.operative_config_str())
-  except OSError as e:
+  except Exception as e:  # OSError locally; a bucket's backend has its own (tf.errors.OpError)
     raise errors.FileSystemError(
-        f"cannot write to the model directory {path}: {e.strerror or e}") from e
+        f"cannot write to the model directory {path}: {getattr(e, 'strerror', None) or e}"
+    ) from e
   return path
 
 

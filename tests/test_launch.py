@@ -46,7 +46,10 @@ def test_tpu_dry_run_prints_every_command_of_a_two_worker_slice():
   assert remote[:3] == ["cd", "~/mhr_jax", "&&"]
   assert remote[3:] == [".venv/bin/python", "-m", "mhr_jax.train", "--distributed=auto",
                         "--gin.MODEL_DIR='gs://bucket/runs/t0'", *TRAIN_ARGS]
-  assert "local file operations" in proc.stderr  # the bucket note
+  assert "note" not in proc.stderr  # a bucket is what a slice needs
+  local = _run([TPU, "mhr-v4", "us-central2-b", "--model_dir", "/runs/t0", "--dry_run", "--",
+                *TRAIN_ARGS])
+  assert "is not a bucket" in local.stderr
 
 
 def test_tpu_setup_reuses_an_existing_slice(tmp_path):
