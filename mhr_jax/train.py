@@ -183,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
+  from mhr_jax import console
+
+  console.quiet_tensorflow()  # before anything imports TensorFlow
+  console.collapse_repeated_warnings()
   from mhr_jax import sharding
 
   if args.distributed == "auto":
