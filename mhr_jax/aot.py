@@ -51,7 +51,9 @@ class AbstractTrainState:
     optimizer: the optax transformation, or the ``row_sparse.RowSparseOptimizer``, of the run.
     make_step: ``steps.make_train_step`` or ``row_sparse.make_train_step``, to match it.
     mode: the run's ``modes.Mode`` (``modes.FULL`` without adapters).
-    counts: parameter counts (``adapters.parameter_counts``).
+    counts: parameter counts (``adapters.parameter_counts``), and ``trainable_per_task``:
+      what one task's training holds, the shared trainable parameters and that task's own
+      routing row (a few-shot fine-tune of one task trains exactly this).
     mesh, rules: the mesh and logical-axis rules.
   """
 
@@ -111,9 +113,19 @@ def abstract_train_state(t5_config, adapter_config, optimizer_config, mesh, rule
   trees = [sharding.abstract_with_shardings(t, s)
            for t, s in zip((trainable, frozen, opt_state), shardings)]
   return AbstractTrainState(graphdef, *trees, shardings=shardings, optimizer=tx,
-                            make_step=make_step, mode=mode,
-                            counts=adapters.parameter_counts(abstract, mode.name), mesh=mesh,
-                            rules=rules)
+                            make_step=make_step, mode=mode, counts=_counts(abstract, mode, n_tasks),
+                            mesh=mesh, rules=rules)
+
+
+def _counts(abstract, mode, n_tasks: int) -> dict:
+  """``adapters.parameter_counts`` plus ``trainable_per_task`` (routing rows are per task; the
+  rest of what trains is shared by the tasks)."""
+  from mhr_jax import adapters, modes
+
+  counts = adapters.parameter_counts(abstract, mode.name)
+  rows = counts["routing"] if modes.ROUTING in mode.trains else 0
+  counts["trainable_per_task"] = counts["trainable"] - rows + rows // max(n_tasks, 1)
+  return counts
 
 
 def abstract_batch(batch_size: int, lengths: dict, mesh) -> dict:
@@ -204,7 +216,8 @@ def format_report(report: dict) -> str:
     return f"{b / GIB:.3f} GiB" if b >= 2 ** 24 else f"{b / 2 ** 20:.2f} MiB"
 
   lines = [f"{report['devices']} x {report['device_kind']} ({report['platform']}), mesh "
-           f"{report['mesh']}; parameters {report['parameters']}",
+           f"{report['mesh']}",
+           "parameters: " + ", ".join(f"{k} {v:,}" for k, v in report["parameters"].items()),
            "state per device: " + ", ".join(f"{k} {gib(v)}"
                                             for k, v in report["state_bytes"].items())]
   if "total_bytes" not in report:
@@ -331,8 +344,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                                f"device_count={args.cpu_devices}").strip()
-  from mhr_jax import train
+  from mhr_jax import console, train
 
+  console.quiet_tensorflow()
+  console.collapse_repeated_warnings()
   # Macros every run kind requires but the compile does not use.
   train.parse_gin(args.gin_file, ["MODEL_DIR = 'aot'", "MIXTURE = 'aot'", *args.gin_bindings],
                   args.gin_search_path)

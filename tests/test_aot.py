@@ -45,6 +45,23 @@ def test_abstract_state_is_sharded_and_allocates_nothing():
   assert aot.per_device_bytes(fsdp_tp.frozen) < full / 6
 
 
+def test_trainable_per_task_is_the_shared_part_and_one_routing_row():
+  import dataclasses
+
+  mesh = sharding.make_mesh(sharding.MeshConfig())
+  for mode, shared in (("mhr", "adapters"), ("mhr_z", None), ("lora", "adapters")):
+    cfg = dataclasses.replace(MHR, mode=mode, n_skills=1 if mode == "lora" else 2,
+                              n_splits=1 if mode == "lora" else 2)
+    counts = aot.abstract_train_state(TINY, cfg, ADAFACTOR, mesh, sharding.logical_rules("dp"),
+                                      n_tasks=6).counts
+    rows = 0 if mode == "lora" else (2 * 2) * 12  # S*K logits of one task in each of 12 layers
+    assert counts["routing"] == 6 * rows
+    assert counts["trainable_per_task"] == (counts[shared] if shared else 0) + rows, mode
+  report = aot.format_report(aot.state_report(aot.abstract_train_state(
+      TINY, MHR, ADAFACTOR, mesh, sharding.logical_rules("dp"), n_tasks=6)))
+  assert "trainable_per_task " in report and "(not compiled: state only)" in report
+
+
 def test_tiny_train_step_compiles_and_reports_memory_per_device():
   state = _state("fsdp_tp", 4, 2)
   compiled = aot.compile_train_step(state, 8, {"inputs": 8, "targets": 4},
@@ -60,7 +77,7 @@ def test_tiny_train_step_compiles_and_reports_memory_per_device():
   assert "per device total" in aot.format_report(report)
 
 
-def _aot(tmp_path, *flags, topology=None):
+def _aot(tmp_path, *flags, topology=None, n_tasks=300):
   """``python -m mhr_jax.aot`` on the paper's T0 preset; returns (report, printed text)."""
   out = tmp_path / f"report_{len(list(tmp_path.iterdir()))}.json"
   env = {**os.environ,
@@ -69,7 +86,7 @@ def _aot(tmp_path, *flags, topology=None):
   if topology is None:
     env["JAX_PLATFORMS"] = "cpu"
   cmd = [sys.executable, "-m", "mhr_jax.aot", "--gin_file=experiments/t0_pretrain.gin",
-         "--n_tasks=300", f"--json={out}", *flags]
+         f"--n_tasks={n_tasks}", f"--json={out}", *flags]
   cmd += [f"--topology={topology}"] if topology else []
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -89,6 +106,12 @@ def test_t0_t5_xl_mhr_preset_on_8_cpu_devices(tmp_path):
   params = full["parameters"]
   assert params["backbone"] > 2.8e9 and "state per device" in text
   assert params["routing"] == 300 * (64 * 8) * (24 * 7 + 24 * 11)  # T x S*K x adapted layers
+  assert params["trainable_per_task"] == params["adapters"] + 221_184  # and one task's row
+  # MHR-z fine-tuning one task of that model trains its routing row only.
+  mhr_z, text = _aot(tmp_path, "--state_only", "--gin_file=adapters/mhr_z.gin",
+                     "--gin.N_SPLITS=64", n_tasks=1)
+  assert mhr_z["parameters"]["trainable_per_task"] == mhr_z["parameters"]["trainable"] == 221_184
+  assert "trainable_per_task 221,184" in text
   # FSDP over 8 devices: each holds an eighth of the float32 backbone (norms replicated).
   assert abs(full["state_bytes"]["frozen"] - 4 * params["backbone"] / 8) < 0.01 * 4 * 2.85e9 / 8
   two, text = _aot(tmp_path, "--fast_compile", TWO_LAYERS)
