@@ -56,8 +56,8 @@ def quiet_tensorflow() -> None:
     try:
       import tensorflow as tf
 
+      # GPUs only, as t5x: asking TensorFlow for TPUs would make it load libtpu, which JAX owns.
       tf.config.set_visible_devices([], "GPU")
-      tf.config.set_visible_devices([], "TPU")
     except ImportError:
       pass  # no TensorFlow: nothing to quiet
     except (ValueError, RuntimeError) as e:  # devices already initialised: nothing to hide then
