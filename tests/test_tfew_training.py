@@ -71,9 +71,13 @@ def _write_fixture(root):
 
 @pytest.fixture
 def isolated_registry(monkeypatch):
-  """The seqio registries and tasks.t0's registration records, restored after the test."""
-  monkeypatch.setattr(seqio.TaskRegistry, "_REGISTRY", dict(seqio.TaskRegistry._REGISTRY))
-  monkeypatch.setattr(seqio.MixtureRegistry, "_REGISTRY", dict(seqio.MixtureRegistry._REGISTRY))
+  """The seqio registries without T0 tasks and tasks.t0's registration records, restored after
+  the test."""
+  # Without the T0 tasks that earlier tests registered (from shared data): this test registers
+  # its own under the same names.
+  for registry in (seqio.TaskRegistry, seqio.MixtureRegistry):
+    kept = {k: v for k, v in registry._REGISTRY.items() if not k.startswith("t0_")}
+    monkeypatch.setattr(registry, "_REGISTRY", kept)
   monkeypatch.setattr(t0, "_DATASETS_DONE", {})
   monkeypatch.setattr(t0, "_CALLS", {})
   monkeypatch.delenv("MHR_SPM_PATH", raising=False)
