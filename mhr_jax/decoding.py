@@ -1,4 +1,4 @@
-"""Decoding for evaluation: greedy and beam search, with an incremental (KV-cached) decoder.
+"""Decoding for evaluation: greedy and beam search with a KV cache, and choice scoring.
 
 Both searches run the encoder once per example. Beam search then repeats the encoder outputs, the
 encoder tokens and the task ids per beam (example ``b``'s beams are rows ``b * num_beams + k``),
@@ -9,6 +9,9 @@ The cached decoder reuses the T5's own modules and parameters, calling each dens
 keys and values are written into a fixed ``[N, max_decode_len, H, K]`` buffer one position per
 step; cross-attention keys and values are computed once from the encoder outputs. A step then
 costs O(max_decode_len) instead of re-running the decoder over the whole prefix.
+
+``score_choices`` is rank classification's counterpart: it scores every answer choice of an
+input against one encoder pass, with each cross-attention's keys and values computed once per input.
 
 Token conventions follow ``models`` (``PAD_ID``, ``EOS_ID``): the decoder starts from PAD (0),
 EOS is 1, and positions after a hypothesis' EOS are PAD. ``greedy_decode`` and ``beam_search``
@@ -140,13 +143,9 @@ def decode_step(
     q = _heads(att, att.q(h, task_ids, **kw))
     y = y + _attend(att, q, cache.cross_k[i], cache.cross_v[i], cache.cross_bias, task_ids)
     y = y + layer.mlp(layer.pre_mlp_layer_norm(y), task_ids, **kw)
-  y = dec.decoder_norm(y)
-  if dec.scale is not None:
-    y = y * dec.scale
-  logits = model.token_embedder.attend(y) if dec.tied else dec.logits_dense(y)
   cache = cache._replace(self_k=tuple(self_k), self_v=tuple(self_v))
   # [N, 1, V] -> [N, V]
-  return logits[:, 0].astype(jnp.float32), cache
+  return _output_logits(model, y)[:, 0], cache
 
 
 def reorder_cache(cache: DecodeCache, rows: Array) -> DecodeCache:
@@ -375,3 +374,70 @@ def _beam_search(
 
   final = jax.lax.while_loop(cond, body, init)
   return final.finished_seqs[:, :, 1:], final.finished_scores
+
+
+def _output_logits(model: T5, y: Array) -> Array:
+  """The decoder's final norm, output scaling and head: [N, L, E] -> [N, L, V] float32."""
+  dec = model.decoder
+  y = dec.decoder_norm(y)
+  if dec.scale is not None:
+    y = y * dec.scale
+  logits = model.token_embedder.attend(y) if dec.tied else dec.logits_dense(y)
+  return logits.astype(jnp.float32)
+
+
+@nnx.jit
+def score_choices(
+    model: T5, encoder_input_tokens: Array, task_ids: Optional[Array], choice_tokens: Array,
+) -> tuple[Array, Array]:
+  """Rank classification with one encoder pass per input: every choice's log-likelihood.
+
+  Equal to running the whole model on every (input, choice) pair (``models.score_targets`` on the
+  input repeated once per choice), but the encoder runs once per input and each cross-attention's
+  keys and values are computed once per input: the decoder holds the C choices of an input side
+  by side as one sequence of C * Lt positions, which attend the shared encoder output together
+  (attention is independent per query), while self-attention runs per choice. For short choices
+  after a long input this removes most of the repeated path's work.
+
+  Args:
+    model: a T5 (with or without adapters).
+    encoder_input_tokens: [B, Li], 0 = padding.
+    task_ids: [B] int32, or None; every choice of input b uses task_ids[b].
+    choice_tokens: [B, C, Lt] target tokens of each choice, ending with EOS, 0-padded. A choice
+      of all padding scores 0 over 0 tokens.
+
+  Returns:
+    (summed log-likelihood [B, C] float32, number of target tokens [B, C] float32).
+  """
+  b, c, lt = choice_tokens.shape
+  kw = dict(deterministic=True)
+  encoded = model.encode(encoder_input_tokens, task_ids, **kw)
+  dec = model.decoder
+  # [B, C, Lt] -> [B * C, Lt]; decoder inputs are the targets shifted right after a 0.
+  targets = choice_tokens.reshape(b * c, lt)
+  decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
+  # [B * C, Lt, E] -> [B, C * Lt, E]
+  y = model.token_embedder(decoder_inputs).reshape(b, c * lt, -1)
+  causal = jnp.tril(jnp.ones((lt, lt), dtype=bool))
+  # [1, H, Lt, Lt]
+  self_bias = dec.relpos_bias(lt, lt) + jnp.where(causal, 0.0, NEG_INF)[None, None]
+  # [B, Li] -> [B, 1, 1, Li]
+  cross_bias = jnp.where(encoder_input_tokens > 0, 0.0, NEG_INF)[:, None, None, :]
+  row_ids = None if task_ids is None else jnp.repeat(task_ids, c)  # [B * C]
+  for i in range(dec.num_layers):
+    layer = getattr(dec, f"layers_{i}")
+    # Self-attention per choice: [B, C * Lt, E] -> [B * C, Lt, E] and back.
+    h = layer.pre_self_attention_layer_norm(y).reshape(b * c, lt, -1)
+    h = layer.self_attention(h, h, self_bias, row_ids, **kw)
+    y = y + h.reshape(b, c * lt, -1)
+    h = layer.pre_cross_attention_layer_norm(y)
+    y = y + layer.encoder_decoder_attention(h, encoded, cross_bias, task_ids, **kw)
+    y = y + layer.mlp(layer.pre_mlp_layer_norm(y), task_ids, **kw)
+  # [B, C * Lt, V] -> [B * C, Lt, V]
+  logits = _output_logits(model, y).reshape(b * c, lt, -1)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  # [B * C, Lt, V] -> [B * C, Lt]
+  token_ll = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  weights = (targets > 0).astype(jnp.float32)
+  # [B * C] -> [B, C]
+  return ((token_ll * weights).sum(-1).reshape(b, c), weights.sum(-1).reshape(b, c))
