@@ -101,6 +101,10 @@ class DataConfig:
     eval_batch_size: rows per evaluation batch.
     max_eval_examples: cap per task (None: the whole split).
     eval_num_beams: beam size of generation in evaluation (1: greedy; 4 in the Super-NI setting).
+    length_buckets: padded lengths a batch may be cut to, per feature, e.g.
+      ``{"inputs": (64, 128), "targets": (16,)}``: each training and evaluation batch takes the
+      smallest bucket that holds its longest sequence (the feature length when none does), so
+      short batches cost less and compile once per bucket. Empty: always the feature lengths.
     t0_data_dir: registers the T0 held-out tasks from this folder (``tasks.t0.register_t0``).
     super_ni_dir: registers Super-NaturalInstructions from this folder
       (``tasks.super_ni.register_super_ni``).
@@ -120,10 +124,14 @@ class DataConfig:
   eval_batch_size: int = 64
   max_eval_examples: Optional[int] = None
   eval_num_beams: int = 1
+  length_buckets: dict = dataclasses.field(default_factory=dict)
   t0_data_dir: Optional[str] = None
   super_ni_dir: Optional[str] = None
   p3_data_dir: Optional[str] = None
   data_shards: Optional[int] = None
+
+  def __post_init__(self):
+    data.check_length_buckets(self.length_buckets, self.feature_lengths)
 
   def register(self) -> None:
     """Registers the collections that read local files (idempotent)."""
@@ -321,6 +329,7 @@ def train_loop(state: RunState, ckpt: checkpoints.CheckpointManager, data_cfg: D
     host = [{k: b[k] for k in keys} for b in (next(it) for it in iters)]
     # Vmapped: [copies, B, ...] host arrays, one batch per task.
     host = jax.tree.map(lambda *xs: np.stack(xs), *host) if state.vmapped else host[0]
+    host = data.trim_to_buckets(host, data_cfg.length_buckets)
     batch = data.to_global(host, state.batch_sharding)
     rng = jax.random.fold_in(base_key, step)
     state.trainable, state.opt_state, metrics = state.step_fn(
