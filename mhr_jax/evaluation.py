@@ -1,117 +1,360 @@
-"""Evaluation of a model on seqio tasks: generation metrics and rank classification.
+"""Evaluation through ``seqio.Evaluator``, as t5x runs it, with routing task ids on every example.
 
-Generation tasks (the synthetic benchmark, Super-NI) are decoded greedily or by beam search and
-scored by the task's own seqio metric functions on postprocessed strings. Tasks whose metric is
-``data.rank_accuracy`` (T0) are scored by rank classification: every answer choice's
-length-normalised log-likelihood, the best choice against the label. ``data_cfg`` is the
-trainer's ``DataConfig`` (feature lengths, evaluation tasks, split, batch size, beams).
+Each evaluation task gets a ``seqio.Evaluator`` that caches its pretokenized examples of the
+evaluation split and runs the task's own metrics: ``metric_fns`` on predictions (decoded by the
+task's vocabulary, then its ``postprocess_fn`` with the example), ``score_metric_fns`` on scores,
+metrics that ask for auxiliary values, and metric objects; targets come from the examples'
+``targets_pretokenized`` through ``postprocess_fn(..., is_target=True)``, so a target longer than
+the feature length is scored whole. Results go to seqio's loggers (Python logging, TensorBoard,
+JSON) in ``log_dir``, which the trainer sets to ``MODEL_DIR/inference_eval`` as t5x does.
+
+One ``seqio.Evaluator`` per task, not one per mixture: an example's routing id is a property of
+its task, so each task's feature converter (`RoutedFeatureConverter`) adds that task's id from
+the run's task table (or the zero-shot override) to every example as ``task_ids``, and the model
+functions read it from the batch.
+
+The model functions (`ModelFns`), the ``predict_fn`` / ``predict_with_aux_fn`` / ``score_fn``
+that ``seqio.Evaluator.evaluate`` calls with a task's cached, enumerated examples:
+
+* ``predict_fn``: greedy decoding, or beam search with ``num_beams > 1`` (the best beam).
+* ``predict_with_aux_fn``: the same predictions and ``{"scores": ...}``, each prediction's summed
+  token log-likelihood under the model.
+* ``score_fn``: for a task whose examples carry ``answer_choices`` (rank classification, T0),
+  the length-normalised log-likelihood of every choice (``[C]`` per example, the input encoded
+  once: ``decoding.score_choices``), which `mhr_jax.data.rank_classification_accuracy` turns
+  into accuracy; for any other task, the summed log-likelihood of the target (t5x's
+  ``score_batch``).
+
+Batches are cut to the configured length buckets (``data.trim_to_buckets``) before the model
+sees them.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+import logging
+import os
+from typing import Any, Mapping, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
+import tensorflow as tf
 from flax import nnx
 
 from mhr_jax import data, decoding, models, network
 
+log = logging.getLogger("mhr_jax.evaluation")
 
-def _pad_batch(batch: dict, size: int) -> tuple[dict, int]:
-  n = len(batch["encoder_input_tokens"])
-  if n == size:
-    return batch, n
-  return {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
-          for k, v in batch.items()}, n
+LOG_SUBDIR = "inference_eval"
+
+
+class TensorBoardLogger(seqio.Logger):
+  """seqio's ``TensorBoardLogger`` layout (``<log_dir>/<task>``, tags ``eval/<metric>``), written
+  through tensorboardX: seqio's own logger needs the ``tensorboard`` package for ``tf.summary``,
+  which this project does not install. Scalars and text are written; other values are skipped.
+  """
+
+  def __init__(self, output_dir: str):
+    super().__init__(output_dir)
+    self._writers = {}
+
+  def __call__(self, task_name, step, metrics, dataset, inferences, targets) -> None:
+    del dataset, inferences, targets
+    from tensorboardX import SummaryWriter
+
+    if task_name not in self._writers:
+      self._writers[task_name] = SummaryWriter(os.path.join(self.output_dir, task_name))
+    writer = self._writers[task_name]
+    step = -1 if step is None else step
+    for name, value in metrics.items():
+      if isinstance(value, seqio.metrics.Scalar):
+        writer.add_scalar(f"eval/{name}", float(np.asarray(value.value)), step)
+      elif isinstance(value, seqio.metrics.Text):
+        writer.add_text(f"eval/{name}", value.textdata, step)
+    writer.flush()
+
+
+# The loggers t5x's gin configs give seqio.Evaluator (t5x/configs/runs/*.gin).
+LOGGERS = (seqio.PyLoggingLogger, TensorBoardLogger, seqio.JSONLogger)
+
+
+class RoutedFeatureConverter(seqio.EncDecFeatureConverter):
+  """seqio's unpacked encoder-decoder features plus ``task_ids``, one task's routing id.
+
+  Args:
+    task_id: the id every example gets (the task's row in the run's task table).
+  """
+
+  MODEL_FEATURES = {
+      **seqio.EncDecFeatureConverter.MODEL_FEATURES,
+      "task_ids": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32, rank=0),
+  }
+
+  def __init__(self, task_id: int, **kwargs):
+    super().__init__(pack=False, **kwargs)
+    self.task_id = int(task_id)
+
+  def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths) -> tf.data.Dataset:
+    ds = super()._convert_features(ds, task_feature_lengths)
+    task_id = tf.constant(self.task_id, tf.int32)
+    return ds.map(lambda ex: {**ex, "task_ids": task_id})
+
+  def get_model_feature_lengths(self, task_feature_lengths) -> dict[str, int]:
+    return {**super().get_model_feature_lengths(task_feature_lengths), "task_ids": 0}
+
+
+# ----------------------------------------------------------------------------- compiled model calls
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("max_decode_len", "num_beams"))
+def _generate(graphdef, state, encoder_input_tokens, task_ids, *, max_decode_len, num_beams):
+  model = nnx.merge(graphdef, state)
+  if num_beams > 1:
+    tokens, _ = decoding.beam_search(model, encoder_input_tokens, task_ids, num_beams=num_beams,
+                                     max_decode_len=max_decode_len)
+    return tokens[:, 0]  # [B, K, T] -> the best beam [B, T]
+  return decoding.greedy_decode(model, encoder_input_tokens, task_ids, max_decode_len)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score(graphdef, state, batch):
+  return models.score_targets(nnx.merge(graphdef, state), batch)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_choices(graphdef, state, encoder_input_tokens, task_ids, choice_tokens):
+  return decoding.score_choices(
+      nnx.merge(graphdef, state), encoder_input_tokens, task_ids, choice_tokens)
+
+
+def _batches(ds: tf.data.Dataset, batch_size: int):
+  """(indices [n], features padded to ``batch_size`` rows, n) of an enumerated dataset."""
+  for indices, feats in ds.batch(batch_size).as_numpy_iterator():
+    n = len(indices)
+    if n < batch_size:  # one program for every batch: fill with all-padding rows
+      feats = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
+               for k, v in feats.items()}
+    yield indices, feats, n
+
+
+def _choice_tokens(choices: Sequence[Sequence[Any]], vocabulary: seqio.Vocabulary,
+                   length: int) -> np.ndarray:
+  """Answer choices of each example, tokenized with EOS and cut to ``length``: [N, C, length]."""
+  n_choices = max(len(c) for c in choices)
+  out = np.zeros((len(choices), n_choices, length), np.int32)
+  for i, example_choices in enumerate(choices):
+    for j, choice in enumerate(example_choices):
+      choice = choice.decode() if isinstance(choice, bytes) else str(choice)
+      ids = (list(vocabulary.encode(choice)) + [decoding.EOS_ID])[:length]
+      out[i, j, :len(ids)] = ids
+  return out
+
+
+class ModelFns:
+  """The ``predict_fn``, ``predict_with_aux_fn`` and ``score_fn`` of one task for one model.
+
+  Args:
+    model: the T5 evaluated (split once; every call runs compiled programs on its state).
+    batch_size: examples per batch.
+    max_decode_len: tokens generated per prediction (the targets feature length).
+    num_beams: 1 for greedy decoding, more for beam search.
+    buckets: length buckets (`data.check_length_buckets`); empty keeps the fixed lengths.
+    choices: for rank classification, ``[N, C, Lt]`` tokens of every example's answer choices
+      (index i of the task's cached examples), all-padding for missing choices.
+  """
+
+  def __init__(self, model: network.T5, *, batch_size: int, max_decode_len: int,
+               num_beams: int = 1, buckets: Optional[Mapping[str, Sequence[int]]] = None,
+               choices: Optional[np.ndarray] = None):
+    self._graphdef, self._state = nnx.split(model)
+    self.batch_size = batch_size
+    self.max_decode_len = max_decode_len
+    self.num_beams = num_beams
+    self.buckets = dict(buckets or {})
+    self.choices = choices
+
+  def _decode(self, feats) -> np.ndarray:
+    feats = data.trim_to_buckets(feats, self.buckets)
+    return np.asarray(_generate(
+        self._graphdef, self._state, jnp.asarray(feats["encoder_input_tokens"]),
+        jnp.asarray(feats["task_ids"]), max_decode_len=self.max_decode_len,
+        num_beams=self.num_beams))
+
+  def _target_loglik(self, feats) -> np.ndarray:
+    feats = data.trim_to_buckets(feats, self.buckets)
+    keys = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "task_ids")
+    ll, _ = _score(self._graphdef, self._state, {k: jnp.asarray(feats[k]) for k in keys})
+    return np.asarray(ll)
+
+  def predict_fn(self, ds: tf.data.Dataset, model_feature_shapes=None):
+    """[(index, predicted tokens)] of every example."""
+    del model_feature_shapes
+    out = []
+    for indices, feats, n in _batches(ds, self.batch_size):
+      out.extend(zip(indices.tolist(), self._decode(feats)[:n].tolist()))
+    return out
+
+  def predict_with_aux_fn(self, ds: tf.data.Dataset, model_feature_shapes=None):
+    """``predict_fn``'s output and ``{"scores": summed log-likelihood of each prediction}``."""
+    del model_feature_shapes
+    out, scores = [], []
+    for indices, feats, n in _batches(ds, self.batch_size):
+      tokens = self._decode(feats)
+      scored = {"encoder_input_tokens": feats["encoder_input_tokens"], "task_ids": feats["task_ids"],
+                "decoder_target_tokens": tokens,
+                "decoder_input_tokens": np.asarray(models.shift_right(jnp.asarray(tokens)))}
+      out.extend(zip(indices.tolist(), tokens[:n].tolist()))
+      scores.extend(self._target_loglik(scored)[:n].tolist())
+    return out, {"scores": scores}
+
+  def score_fn(self, ds: tf.data.Dataset, model_feature_shapes=None):
+    """[(index, score)]: per-choice normalised log-likelihoods, or the target's log-likelihood."""
+    del model_feature_shapes
+    out = []
+    for indices, feats, n in _batches(ds, self.batch_size):
+      if self.choices is None:
+        out.extend(zip(indices.tolist(), self._target_loglik(feats)[:n].tolist()))
+        continue
+      out.extend(zip(indices.tolist(), self._choice_scores(indices, feats)[:n].tolist()))
+    return out
+
+  def _choice_scores(self, indices: np.ndarray, feats) -> np.ndarray:
+    """[B, C] length-normalised log-likelihood of each answer choice; -inf for missing ones."""
+    choices = np.zeros((self.batch_size,) + self.choices.shape[1:], np.int32)
+    choices[:len(indices)] = self.choices[indices]
+    lt = data.bucket_length(data.real_length(choices), self.buckets.get("targets", ()),
+                            choices.shape[-1])
+    feats = data.trim_to_buckets(feats, self.buckets)
+    ll, n = _score_choices(self._graphdef, self._state,
+                           jnp.asarray(feats["encoder_input_tokens"]),
+                           jnp.asarray(feats["task_ids"]), jnp.asarray(choices[..., :lt]))
+    ll, n = np.asarray(ll, np.float64), np.asarray(n, np.float64)
+    return np.where(n > 0, ll / np.maximum(n, 1.0), -np.inf)
+
+
+# ----------------------------------------------------------------------------- evaluators
+
+
+def leaf_tasks(names: Sequence[str]) -> list[str]:
+  """The tasks of the listed seqio tasks and mixtures, each once, in order."""
+  out = []
+  for name in names:
+    for task in data._leaf_tasks(data.get_provider(name)):
+      if task.name not in out:
+        out.append(task.name)
+  return out
+
+
+class TaskEvaluator:
+  """A ``seqio.Evaluator`` for one task with its routing id, reusable across evaluations.
+
+  Args:
+    task: a registered seqio task.
+    task_id: the routing id every example of the task gets.
+    data_cfg: the trainer's ``DataConfig`` (feature lengths, split, batch size, beams, cap,
+      length buckets).
+    split: the split evaluated (default ``data_cfg.eval_split``).
+    log_dir: where seqio's loggers write; None logs nothing.
+  """
+
+  def __init__(self, task: str, task_id: int, data_cfg, *, split: Optional[str] = None,
+               log_dir: Optional[str] = None):
+    self.task = seqio.TaskRegistry.get(task)
+    self.data_cfg = data_cfg
+    self.evaluator = seqio.Evaluator(
+        task, feature_converter=RoutedFeatureConverter(task_id),
+        eval_split=split or data_cfg.eval_split, sequence_length=dict(data_cfg.feature_lengths),
+        num_examples=data_cfg.max_eval_examples, logger_cls=LOGGERS if log_dir else (),
+        log_dir=log_dir, async_compute_metrics=False)
+    self.n_examples = 0
+    self.choices = None
+    if self.evaluator.eval_tasks:
+      examples = list(self.evaluator.cached_task_datasets[task].as_numpy_iterator())
+      self.n_examples = len(examples)
+      if examples and "answer_choices" in examples[0]:
+        vocab = self.task.output_features["targets"].vocabulary
+        self.choices = _choice_tokens([ex["answer_choices"] for ex in examples], vocab,
+                                      data_cfg.feature_lengths["targets"])
+
+  def evaluate(self, model: network.T5, step: int = 0) -> Optional[dict[str, Any]]:
+    """The task's metrics for ``model`` (None when the task has no split or metric to run)."""
+    if not self.evaluator.eval_tasks:
+      return None
+    cfg = self.data_cfg
+    fns = ModelFns(model, batch_size=cfg.eval_batch_size,
+                   max_decode_len=cfg.feature_lengths["targets"], num_beams=cfg.eval_num_beams,
+                   buckets=data.check_length_buckets(cfg.length_buckets, cfg.feature_lengths),
+                   choices=self.choices)
+    metrics, _ = self.evaluator.evaluate(
+        compute_metrics=True, step=step, predict_fn=fns.predict_fn, score_fn=fns.score_fn,
+        predict_with_aux_fn=fns.predict_with_aux_fn)
+    out = {k: _plain(v) for k, v in metrics.result()[self.task.name].items()}
+    out["n_examples"] = self.n_examples
+    return out
+
+
+def _plain(value):
+  """A metric value as a Python number where it is one (for JSON results and reporters)."""
+  if isinstance(value, seqio.metrics.Scalar):
+    value = value.value
+  if isinstance(value, (np.floating, np.integer)) or (
+      isinstance(value, np.ndarray) and value.ndim == 0):
+    return value.item()
+  return value
+
+
+def make_evaluators(table: data.TaskIdTable, data_cfg, *, split: Optional[str] = None,
+                    tasks: Optional[Sequence[str]] = None,
+                    task_id_override: Optional[int] = None,
+                    log_dir: Optional[str] = None) -> list[TaskEvaluator]:
+  """One `TaskEvaluator` per task of ``tasks`` (default ``data_cfg.eval_tasks``).
+
+  Each task's examples get its id in ``table``, or ``task_id_override`` (zero-shot MHR-mu has
+  no routing, and LoRA ignores task ids; both accept any id).
+  """
+  names = leaf_tasks(tasks if tasks is not None else data_cfg.eval_tasks)
+  if task_id_override is None:
+    missing = [n for n in names if n not in table.as_dict()]
+    if missing:
+      raise KeyError(f"Evaluation tasks missing from the task-id table {list(table.names)}: "
+                     f"{missing} (set a task_id_override to evaluate them through one row)")
+  if log_dir and jax.process_index() != 0:
+    log_dir = None  # one host writes the logs
+  return [TaskEvaluator(n, table.id(n) if task_id_override is None else task_id_override,
+                        data_cfg, split=split, log_dir=log_dir) for n in names]
 
 
 def evaluate(model: network.T5, table: data.TaskIdTable, data_cfg, *,
              split: Optional[str] = None, tasks: Optional[Sequence[str]] = None,
-             task_id_override: Optional[int] = None) -> dict[str, dict[str, float]]:
-  """Runs every evaluation task's seqio metrics on greedy predictions.
+             task_id_override: Optional[int] = None, log_dir: Optional[str] = None,
+             step: int = 0) -> dict[str, dict[str, Any]]:
+  """Every evaluation task's seqio metrics, ``{task: {metric: value, "n_examples": n}}``.
 
-  ``task_id_override`` evaluates every task through one routing row (zero-shot MHR-mu has no
-  routing, and LoRA ignores task ids; both accept any id).
+  Args:
+    model: the T5 evaluated.
+    table: the run's task-id table (routing ids of the tasks).
+    data_cfg: the trainer's ``DataConfig``.
+    split: the split evaluated (default ``data_cfg.eval_split``).
+    tasks: tasks or mixtures (default ``data_cfg.eval_tasks``).
+    task_id_override: evaluate every task through this routing row.
+    log_dir: where seqio's loggers write (TensorBoard under ``log_dir/<task>``,
+      ``<task>-metrics.jsonl``, and the examples with their predictions per step); None: no logs.
+    step: the step the logs record.
   """
-  split = split or data_cfg.eval_split
-  names = []
-  for name in tasks if tasks is not None else data_cfg.eval_tasks:
-    names.extend(t.name for t in data._leaf_tasks(data.get_provider(name)))
-  lengths = data_cfg.feature_lengths
   results = {}
-  for name in names:
-    task = seqio.TaskRegistry.get(name)
-    vocab = task.output_features["targets"].vocabulary
-    eval_table = table if task_id_override is None else data.TaskIdTable((name,))
-    if data.rank_accuracy in task.metric_fns:
-      results[name] = _rank_classification(model, task, eval_table, data_cfg, split,
-                                           task_id_override)
+  for ev in make_evaluators(table, data_cfg, split=split, tasks=tasks,
+                            task_id_override=task_id_override, log_dir=log_dir):
+    metrics = ev.evaluate(model, step)
+    if metrics is None:
+      log.info("%s: no %s split or no metric; not evaluated", ev.task.name,
+               split or data_cfg.eval_split)
       continue
-    it = data.BatchIterator(name, eval_table, lengths, data_cfg.eval_batch_size, split=split,
-                            shuffle=False, num_epochs=1, drop_remainder=False)
-    targets, predictions = [], []
-    for batch in it:
-      batch, n = _pad_batch(batch, data_cfg.eval_batch_size)
-      ids = batch["task_ids"] if task_id_override is None else np.full_like(
-          batch["task_ids"], task_id_override)
-      enc = jnp.asarray(batch["encoder_input_tokens"])
-      if data_cfg.eval_num_beams > 1:
-        # Task ids are repeated per beam inside beam_search; keep the best beam.
-        out = np.asarray(decoding.beam_search(
-            model, enc, jnp.asarray(ids), num_beams=data_cfg.eval_num_beams,
-            max_decode_len=lengths["targets"])[0][:, 0])
-      else:
-        out = np.asarray(decoding.greedy_decode(model, enc, jnp.asarray(ids), lengths["targets"]))
-      for row_t, row_p in zip(batch["decoder_target_tokens"][:n], out[:n]):
-        targets.append(task.postprocess_fn(vocab.decode(_until_eos(row_t)), is_target=True)
-                       if task.postprocess_fn else vocab.decode(_until_eos(row_t)))
-        pred = vocab.decode(_until_eos(row_p))
-        predictions.append(task.postprocess_fn(pred) if task.postprocess_fn else pred)
-      if data_cfg.max_eval_examples and len(targets) >= data_cfg.max_eval_examples:
-        targets = targets[:data_cfg.max_eval_examples]
-        predictions = predictions[:data_cfg.max_eval_examples]
-        break
-    metrics = {}
-    for fn in task.metric_fns:
-      metrics.update(fn(targets, predictions))
-    metrics["n_examples"] = len(targets)
-    results[name] = metrics
+    results[ev.task.name] = metrics
   return results
 
 
-@nnx.jit
-def _score(model, batch):
-  return models.score_targets(model, batch)
-
-
-def _rank_classification(model, task, table, data_cfg, split: str,
-                         task_id_override: Optional[int]) -> dict[str, float]:
-  """Accuracy of picking the answer choice with the best length-normalised log-likelihood."""
-  lengths = data_cfg.feature_lengths
-  examples = data.get_examples(task.name, split, lengths).as_numpy_iterator()
-  if data_cfg.max_eval_examples:
-    examples = (ex for _, ex in zip(range(data_cfg.max_eval_examples), examples))
-  vocab = task.output_features["targets"].vocabulary
-  rows = data.rank_classification_rows(examples, vocab, table, lengths)
-  if task_id_override is not None:
-    rows["task_ids"] = np.full_like(rows["task_ids"], task_id_override)
-  loglik, n_tokens = [], []
-  for batch in data.rank_classification_batches(rows, data_cfg.eval_batch_size):
-    feats = {k: jnp.asarray(batch[k]) for k in data.BATCH_KEYS}
-    ll, n = _score(model, feats)
-    loglik.append(np.asarray(ll))
-    n_tokens.append(np.asarray(n))
-  n = len(rows["example_ids"])
-  out = data.rank_classification_predict(
-      np.concatenate(loglik)[:n], np.concatenate(n_tokens)[:n], rows["example_ids"],
-      rows["choice_ids"], rows["is_correct"])
-  return {"accuracy": float(out["accuracy"]), "n_examples": int(len(out["predictions"]))}
-
-
-def _until_eos(tokens: np.ndarray) -> list[int]:
-  tokens = [int(t) for t in tokens]
-  if models.EOS_ID in tokens:
-    tokens = tokens[:tokens.index(models.EOS_ID)]
-  return [t for t in tokens if t != models.PAD_ID]
+def log_dir_of(model_dir: str | os.PathLike) -> str:
+  """Where a run's evaluation logs go: ``MODEL_DIR/inference_eval`` (t5x's place)."""
+  return os.path.join(str(model_dir), LOG_SUBDIR)

@@ -351,7 +351,7 @@ def train_loop(state: RunState, ckpt: checkpoints.CheckpointManager, data_cfg: D
       ckpt.save(step, state.trainable, state.opt_state, data_position=step,
                 metadata=state.metadata)
     if train_cfg.eval_every and step % train_cfg.eval_every == 0 and not last:
-      for name, res in evaluate_copies(state, data_cfg).items():
+      for name, res in evaluate_copies(state, data_cfg, step).items():
         reporter.scalars(step, res, split=f"eval/{name}")
   ckpt.wait_until_finished()
   return step, last_loss
@@ -368,7 +368,7 @@ def finish(state: RunState, data_cfg: DataConfig, reporter: reporting.Reporter, 
              "steps": step, "final_loss": last_loss, "train_seconds": seconds,
              "parameters": state.counts, "eval": {}}
   if data_cfg.eval_tasks or state.vmapped:
-    results["eval"] = evaluate_copies(state, data_cfg)
+    results["eval"] = evaluate_copies(state, data_cfg, step)
     for name, res in results["eval"].items():
       reporter.scalars(step, res, split=f"eval/{name}")
   if jax.process_index() == 0:
@@ -377,11 +377,12 @@ def finish(state: RunState, data_cfg: DataConfig, reporter: reporting.Reporter, 
   return results
 
 
-def evaluate_copies(state: RunState, data_cfg: DataConfig) -> dict:
+def evaluate_copies(state: RunState, data_cfg: DataConfig, step: int) -> dict:
   """Evaluation of each program copy on its own task (vmapped) or on the evaluation tasks.
 
   Tasks outside the run's task table (zero-shot) are evaluated through the mode's
-  ``zero_shot_task_id``.
+  ``zero_shot_task_id``. seqio's loggers write to ``model_dir/inference_eval`` (TensorBoard and
+  JSON), as in t5x.
   """
   out = {}
   for i, (name, table) in enumerate(state.copies):
@@ -390,5 +391,6 @@ def evaluate_copies(state: RunState, data_cfg: DataConfig) -> dict:
     tasks = [name] if state.vmapped else data_cfg.eval_tasks
     override = None if state.vmapped else state.mode.zero_shot_task_id
     out.update(evaluation.evaluate(model, table, data_cfg, tasks=tasks,
-                                   task_id_override=override))
+                                   task_id_override=override,
+                                   log_dir=evaluation.log_dir_of(state.model_dir), step=step))
   return out

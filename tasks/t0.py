@@ -24,7 +24,8 @@ dropped, counted and logged.
 
 Each task carries ``answer_choices`` and ``label`` next to ``inputs``/``targets`` for rank
 classification (`mhr_jax.data.rank_classification_rows`) and the T-Few training batches
-(`mhr_jax.data.multiple_choice_rows`); its metric is `mhr_jax.data.rank_accuracy`.
+(`mhr_jax.data.multiple_choice_rows`); its metric is the seqio score metric
+`mhr_jax.data.rank_classification_accuracy` over every choice's score (`mhr_jax.evaluation`).
 
 Few-shot fine-tuning trains on one task per held-out dataset, ``t0_<dataset>_fewshot``: one task
 id (one routing row) for the whole dataset and a template drawn at random for each example, as the
@@ -300,7 +301,8 @@ def _add(name, dataset_fn, splits, vocabulary, routing_name=None):
   # Few-shot splits hold at most 70 rows; a larger shuffle buffer only slows the start.
   common.add_text_task(
     name, seqio.FunctionDataSource(dataset_fn, splits=list(splits)), vocabulary,
-    postprocess_fn=_postprocess, metric_fns=[data_lib.rank_accuracy], shuffle_buffer_size=128,
+    postprocess_fn=_postprocess, metric_fns=[data_lib.rank_classification_accuracy],
+    shuffle_buffer_size=128,
     routing_name=routing_name)
 
 
