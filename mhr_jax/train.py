@@ -4,7 +4,8 @@ Flags as in t5x: ``--gin_file`` (repeatable, applied in order, later files overr
 ``--gin_search_path`` (repeatable; where relative gin paths and includes are looked up first,
 before ``gin_configs/``, the repository root and, last, the working directory),
 ``--gin.NAME=VALUE`` (one binding each, applied after the files), ``--dry_run`` (parse, print
-the operative configuration, exit). Multi-host runs call
+the operative configuration, exit), ``--compilation_cache=PATH|off`` (JAX's persistent
+compilation cache, on by default: ``mhr_jax.compilation_cache``). Multi-host runs call
 ``jax.distributed.initialize`` when ``--coordinator_address`` (or ``MHR_COORDINATOR_ADDRESS``)
 is given (``--distributed=auto`` on TPU pods); ``--distributed_timeout`` (or
 ``MHR_DISTRIBUTED_TIMEOUT``, seconds) bounds the wait for the other processes. What runs is
@@ -43,6 +44,9 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
                       help="parse the configuration, print it, and exit")
   parser.add_argument("--traceback", action="store_true",
                       help="show the traceback of an expected failure instead of its message")
+  parser.add_argument("--compilation_cache", default=None,
+                      help="folder of JAX's persistent compilation cache, or 'off' (default: "
+                           "$MHR_COMPILATION_CACHE, else ~/.cache/mhr_jax/jax)")
   parser.add_argument("--distributed", choices=("off", "auto"), default="off",
                       help="auto: jax.distributed.initialize() reading the topology (TPU pods)")
   parser.add_argument("--coordinator_address", default=os.environ.get("MHR_COORDINATOR_ADDRESS"))
@@ -187,8 +191,9 @@ def _run(args: argparse.Namespace) -> None:
 
   console.quiet_tensorflow()  # before anything imports TensorFlow
   console.collapse_repeated_warnings()
-  from mhr_jax import sharding
+  from mhr_jax import compilation_cache, sharding
 
+  compilation_cache.configure(args.compilation_cache)
   if args.distributed == "auto":
     import jax
 
