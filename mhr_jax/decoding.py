@@ -6,7 +6,7 @@ so every beam of an example goes through the adapters with that example's task i
 
 The cached decoder reuses the T5's own modules and parameters, calling each dense layer through
 ``Dense.__call__`` with the task ids, so adapters act exactly as in ``T5.decode``. Self-attention
-keys and values are written into a fixed ``[N, max_decode_len, H, K]`` buffer one position per
+keys and values are written into a fixed ``[N, H, max_decode_len, K]`` buffer one position per
 step; cross-attention keys and values are computed once from the encoder outputs. A step then
 costs O(max_decode_len) instead of re-running the decoder over the whole prefix.
 
@@ -39,11 +39,13 @@ class DecodeCache(NamedTuple):
   """State of the incremental decoder for N = batch (x beams) rows.
 
   Attributes:
-    self_k: per decoder layer, self-attention keys [N, max_decode_len, H, K]; rows hold positions
-      already decoded, later positions are zeros (masked).
+    self_k: per decoder layer, self-attention keys [N, H, max_decode_len, K]; rows hold positions
+      already decoded, later positions are zeros (masked). Heads come before positions so that the
+      attention reads the cache as it lies (XLA:CPU otherwise transposes the whole cache every
+      step).
     self_v: per decoder layer, self-attention values, like ``self_k``.
-    cross_k: per decoder layer, cross-attention keys of the encoder outputs [N, Li, H, K].
-    cross_v: per decoder layer, cross-attention values [N, Li, H, K].
+    cross_k: per decoder layer, cross-attention keys of the encoder outputs [N, H, Li, K].
+    cross_v: per decoder layer, cross-attention values [N, H, Li, K].
     cross_bias: additive mask of encoder padding [N, 1, 1, Li].
     task_ids: [N] int32, or None for a model without adapters.
   """
@@ -57,20 +59,20 @@ class DecodeCache(NamedTuple):
 
 
 def _heads(att: Attention, x: Array) -> Array:
-  """[N, L, H*K] -> [N, L, H, K]."""
+  """[N, L, H*K] -> [N, H, L, K]."""
   n, length, _ = x.shape
-  return x.reshape(n, length, att.num_heads, att.d_kv)
+  return x.reshape(n, length, att.num_heads, att.d_kv).transpose(0, 2, 1, 3)
 
 
 def _attend(att: Attention, q: Array, k: Array, v: Array, bias: Array, task_ids) -> Array:
   """The attention of ``Attention.__call__`` (no dropout) from projected queries, keys, values."""
-  n, lq = q.shape[:2]
-  # [N, Lq, H, K] x [N, Lk, H, K] -> [N, H, Lq, Lk]
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  n, _, lq, _ = q.shape
+  # [N, H, Lq, K] x [N, H, Lk, K] -> [N, H, Lq, Lk]
+  scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
   scores = scores + bias.astype(jnp.float32)
   weights = jax.nn.softmax(scores, axis=-1).astype(att.dtype)
-  # [N, H, Lq, Lk] x [N, Lk, H, K] -> [N, Lq, H, K] -> [N, Lq, H*K]
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(n, lq, att.num_heads * att.d_kv)
+  # [N, H, Lq, Lk] x [N, H, Lk, K] -> [N, Lq, H, K] -> [N, Lq, H*K]
+  out = jnp.einsum("bhqk,bhkd->bqhd", weights, v).reshape(n, lq, att.num_heads * att.d_kv)
   return att.o(out, task_ids, deterministic=True)
 
 
@@ -94,7 +96,7 @@ def init_cache(
     att = getattr(dec, f"layers_{i}").encoder_decoder_attention
     cross_k.append(_heads(att, att.k(encoded, task_ids, deterministic=True)))
     cross_v.append(_heads(att, att.v(encoded, task_ids, deterministic=True)))
-    shape = (n, max_decode_len, att.num_heads, att.d_kv)
+    shape = (n, att.num_heads, max_decode_len, att.d_kv)
     self_k.append(jnp.zeros(shape, att.dtype))
     self_v.append(jnp.zeros(shape, att.dtype))
   # [N, Li] -> [N, 1, 1, Li]
@@ -121,7 +123,7 @@ def decode_step(
   dec = model.decoder
   task_ids = cache.task_ids
   kw = dict(deterministic=True)
-  max_len = cache.self_k[0].shape[1]
+  max_len = cache.self_k[0].shape[2]
   # [N] -> [N, 1, E]
   y = model.token_embedder(tokens[:, None])
   causal = jnp.where(jnp.arange(max_len) <= position, 0.0, NEG_INF)
@@ -134,9 +136,9 @@ def decode_step(
     h = layer.pre_self_attention_layer_norm(y)
     q = _heads(att, att.q(h, task_ids, **kw))
     self_k[i] = jax.lax.dynamic_update_slice_in_dim(
-        self_k[i], _heads(att, att.k(h, task_ids, **kw)).astype(self_k[i].dtype), position, axis=1)
+        self_k[i], _heads(att, att.k(h, task_ids, **kw)).astype(self_k[i].dtype), position, axis=2)
     self_v[i] = jax.lax.dynamic_update_slice_in_dim(
-        self_v[i], _heads(att, att.v(h, task_ids, **kw)).astype(self_v[i].dtype), position, axis=1)
+        self_v[i], _heads(att, att.v(h, task_ids, **kw)).astype(self_v[i].dtype), position, axis=2)
     y = y + _attend(att, q, self_k[i], self_v[i], self_bias, task_ids)
     att = layer.encoder_decoder_attention
     h = layer.pre_cross_attention_layer_norm(y)
@@ -154,7 +156,7 @@ def reorder_cache(cache: DecodeCache, rows: Array) -> DecodeCache:
   Cross-attention state, the mask and the task ids are per example, shared by its beams, and
   parents are always beams of the same example, so they stay as they are.
   """
-  take = lambda x: jnp.take(x, rows, axis=0)
+  take = lambda x: jnp.take(x, rows, axis=0, mode="clip")  # rows are in range: no fill mask
   return cache._replace(
       self_k=tuple(map(take, cache.self_k)), self_v=tuple(map(take, cache.self_v)))
 
@@ -195,7 +197,8 @@ def greedy_decode(
     model: T5, encoder_input_tokens: Array, task_ids: Optional[Array], max_decode_len: int, *,
     use_cache: bool = True,
 ) -> Array:
-  """Greedy decoding, each row stopping at EOS (later positions PAD); compiled.
+  """Greedy decoding, each row stopping at EOS (later positions PAD), the loop once all have;
+  compiled.
 
   Gives the tokens of ``beam_search`` with one beam; with ``use_cache=False`` every step re-runs
   the teacher-forced decoder over the whole buffer (the reference the cache is tested against).
@@ -215,15 +218,19 @@ def greedy_decode(
   step_fn = _Decoder(model, encoded, encoder_input_tokens, task_ids, max_decode_len, use_cache)
   buf = jnp.zeros((b, max_decode_len + 1), jnp.int32)  # position 0 is the start token
 
-  def step(i, carry):
-    buf, done, state = carry
+  def step(carry):
+    i, buf, done, state = carry
     logits, state = step_fn(state, buf, i)
     nxt = jnp.where(done, PAD_ID, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
     buf = jax.lax.dynamic_update_index_in_dim(buf, nxt, i + 1, axis=1)
-    return buf, done | (nxt == EOS_ID), state
+    return i + 1, buf, done | (nxt == EOS_ID), state
 
-  carry = (buf, jnp.zeros((b,), bool), step_fn.init())
-  buf, _, _ = jax.lax.fori_loop(0, max_decode_len, step, carry)
+  def running(carry):  # stop once every row has ended: the rest of the buffer stays PAD
+    i, _, done, _ = carry
+    return (i < max_decode_len) & ~jnp.all(done)
+
+  carry = (jnp.zeros((), jnp.int32), buf, jnp.zeros((b,), bool), step_fn.init())
+  _, buf, _, _ = jax.lax.while_loop(running, step, carry)
   return buf[:, 1:]
 
 
