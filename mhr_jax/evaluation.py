@@ -25,7 +25,7 @@ that ``seqio.Evaluator.evaluate`` calls with a task's cached, enumerated example
   into accuracy; for any other task, the summed log-likelihood of the target (t5x's
   ``score_batch``).
 
-Batches are cut to the configured length buckets (``data.trim_to_buckets``) before the model
+Batches are cut to the configured length buckets (``length_buckets.trim``) before the model
 sees them.
 """
 
@@ -43,7 +43,7 @@ import seqio
 import tensorflow as tf
 from flax import nnx
 
-from mhr_jax import data, decoding, models, network
+from mhr_jax import data, decoding, length_buckets, models, network
 
 log = logging.getLogger("mhr_jax.evaluation")
 
@@ -160,7 +160,7 @@ class ModelFns:
     batch_size: examples per batch.
     max_decode_len: tokens generated per prediction (the targets feature length).
     num_beams: 1 for greedy decoding, more for beam search.
-    buckets: length buckets (`data.check_length_buckets`); empty keeps the fixed lengths.
+    buckets: length buckets (`length_buckets.check`); empty keeps the fixed lengths.
     choices: for rank classification, ``[N, C, Lt]`` tokens of every example's answer choices
       (index i of the task's cached examples), all-padding for missing choices.
   """
@@ -176,14 +176,14 @@ class ModelFns:
     self.choices = choices
 
   def _decode(self, feats) -> np.ndarray:
-    feats = data.trim_to_buckets(feats, self.buckets)
+    feats = length_buckets.trim(feats, self.buckets)
     return np.asarray(_generate(
         self._graphdef, self._state, jnp.asarray(feats["encoder_input_tokens"]),
         jnp.asarray(feats["task_ids"]), max_decode_len=self.max_decode_len,
         num_beams=self.num_beams))
 
   def _target_loglik(self, feats) -> np.ndarray:
-    feats = data.trim_to_buckets(feats, self.buckets)
+    feats = length_buckets.trim(feats, self.buckets)
     keys = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "task_ids")
     ll, _ = _score(self._graphdef, self._state, {k: jnp.asarray(feats[k]) for k in keys})
     return np.asarray(ll)
@@ -202,8 +202,8 @@ class ModelFns:
     out, scores = [], []
     for indices, feats, n in _batches(ds, self.batch_size):
       tokens = self._decode(feats)
-      scored = {"encoder_input_tokens": feats["encoder_input_tokens"], "task_ids": feats["task_ids"],
-                "decoder_target_tokens": tokens,
+      scored = {"encoder_input_tokens": feats["encoder_input_tokens"],
+                "task_ids": feats["task_ids"], "decoder_target_tokens": tokens,
                 "decoder_input_tokens": np.asarray(models.shift_right(jnp.asarray(tokens)))}
       out.extend(zip(indices.tolist(), tokens[:n].tolist()))
       scores.extend(self._target_loglik(scored)[:n].tolist())
@@ -224,9 +224,9 @@ class ModelFns:
     """[B, C] length-normalised log-likelihood of each answer choice; -inf for missing ones."""
     choices = np.zeros((self.batch_size,) + self.choices.shape[1:], np.int32)
     choices[:len(indices)] = self.choices[indices]
-    lt = data.bucket_length(data.real_length(choices), self.buckets.get("targets", ()),
-                            choices.shape[-1])
-    feats = data.trim_to_buckets(feats, self.buckets)
+    lt = length_buckets.bucket_length(length_buckets.real_length(choices),
+                                      self.buckets.get("targets", ()), choices.shape[-1])
+    feats = length_buckets.trim(feats, self.buckets)
     ll, n = _score_choices(self._graphdef, self._state,
                            jnp.asarray(feats["encoder_input_tokens"]),
                            jnp.asarray(feats["task_ids"]), jnp.asarray(choices[..., :lt]))
@@ -285,7 +285,7 @@ class TaskEvaluator:
     cfg = self.data_cfg
     fns = ModelFns(model, batch_size=cfg.eval_batch_size,
                    max_decode_len=cfg.feature_lengths["targets"], num_beams=cfg.eval_num_beams,
-                   buckets=data.check_length_buckets(cfg.length_buckets, cfg.feature_lengths),
+                   buckets=length_buckets.check(cfg.length_buckets, cfg.feature_lengths),
                    choices=self.choices)
     metrics, _ = self.evaluator.evaluate(
         compute_metrics=True, step=step, predict_fn=fns.predict_fn, score_fn=fns.score_fn,

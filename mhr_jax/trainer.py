@@ -32,8 +32,8 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mhr_jax import (adapters, checkpoints, data, errors, evaluation, hf_import, modes, network,
-                     optimizers, paths, reporting, sharding, steps)
+from mhr_jax import (adapters, checkpoints, data, errors, evaluation, hf_import, length_buckets,
+                     modes, network, optimizers, paths, reporting, sharding, steps)
 from mhr_jax.run_state import RunState, build_state
 
 import tasks.mixtures  # noqa: E402,F401  (registers the task collections)
@@ -131,7 +131,7 @@ class DataConfig:
   data_shards: Optional[int] = None
 
   def __post_init__(self):
-    data.check_length_buckets(self.length_buckets, self.feature_lengths)
+    length_buckets.check(self.length_buckets, self.feature_lengths)
 
   def register(self) -> None:
     """Registers the collections that read local files (idempotent)."""
@@ -329,7 +329,7 @@ def train_loop(state: RunState, ckpt: checkpoints.CheckpointManager, data_cfg: D
     host = [{k: b[k] for k in keys} for b in (next(it) for it in iters)]
     # Vmapped: [copies, B, ...] host arrays, one batch per task.
     host = jax.tree.map(lambda *xs: np.stack(xs), *host) if state.vmapped else host[0]
-    host = data.trim_to_buckets(host, data_cfg.length_buckets)
+    host = length_buckets.trim(host, data_cfg.length_buckets)
     batch = data.to_global(host, state.batch_sharding)
     rng = jax.random.fold_in(base_key, step)
     state.trainable, state.opt_state, metrics = state.step_fn(

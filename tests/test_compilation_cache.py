@@ -1,4 +1,4 @@
-"""The persistent compilation cache: where it goes, switching it off, and that programs land there."""
+"""The persistent compilation cache: where it goes, switching it off, that programs land there."""
 
 import os
 import pathlib

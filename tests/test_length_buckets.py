@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mhr_jax import data, models, network, trainer
+from mhr_jax import length_buckets, models, network, trainer
 
 LENGTHS = {"inputs": 16, "targets": 8}
 
@@ -25,28 +25,28 @@ def _batch(input_lengths, target_lengths, seed=0):
 
 
 def test_bucket_choice_and_cut():
-  buckets = data.check_length_buckets({"inputs": [8, 4], "targets": [3]}, LENGTHS)
+  buckets = length_buckets.check({"inputs": [8, 4], "targets": [3]}, LENGTHS)
   assert buckets == {"inputs": (4, 8), "targets": (3,)}
   batch = _batch([5, 2, 7], [3, 1, 2])
-  cut = data.trim_to_buckets(batch, buckets)
+  cut = length_buckets.trim(batch, buckets)
   assert cut["encoder_input_tokens"].shape == (3, 8)  # longest input 7 -> bucket 8
   assert cut["decoder_target_tokens"].shape == (3, 3)
   assert cut["decoder_input_tokens"].shape == cut["decoder_loss_weights"].shape == (3, 3)
   np.testing.assert_array_equal(cut["encoder_input_tokens"], batch["encoder_input_tokens"][:, :8])
   np.testing.assert_array_equal(cut["task_ids"], batch["task_ids"])
   # Longer than every bucket: the feature length. Stacked (vmapped) batches cut on the last axis.
-  long = data.trim_to_buckets(_batch([16, 1], [4, 1]), buckets)
+  long = length_buckets.trim(_batch([16, 1], [4, 1]), buckets)
   assert long["encoder_input_tokens"].shape == (2, 16)
   assert long["decoder_target_tokens"].shape == (2, 8)
   stacked = {k: np.stack([v, v]) for k, v in batch.items()}
-  assert data.trim_to_buckets(stacked, buckets)["encoder_input_tokens"].shape == (2, 3, 8)
+  assert length_buckets.trim(stacked, buckets)["encoder_input_tokens"].shape == (2, 3, 8)
   # No buckets: unchanged.
-  assert data.trim_to_buckets(batch, {})["encoder_input_tokens"].shape == (3, 16)
+  assert length_buckets.trim(batch, {})["encoder_input_tokens"].shape == (3, 16)
 
 
 def test_bad_buckets_are_refused():
   with pytest.raises(ValueError, match=r"'inputs' buckets \[0, 20\].*'labels' is not a feature"):
-    data.check_length_buckets({"inputs": (0, 8, 20), "labels": (4,)}, LENGTHS)
+    length_buckets.check({"inputs": (0, 8, 20), "labels": (4,)}, LENGTHS)
   with pytest.raises(ValueError, match="Bad length buckets"):
     trainer.DataConfig(mixture="m", feature_lengths=LENGTHS, length_buckets={"targets": (9,)})
 
@@ -57,6 +57,6 @@ def test_cut_batch_gives_the_same_loss():
   batch = _batch([5, 2, 7], [3, 1, 2])
   loss = nnx.jit(lambda m, b: models.loss_fn(m, b, deterministic=True)[0])
   full = loss(model, {k: jnp.asarray(v) for k, v in batch.items()})
-  cut = data.trim_to_buckets(batch, {"inputs": (8,), "targets": (4,)})
+  cut = length_buckets.trim(batch, {"inputs": (8,), "targets": (4,)})
   np.testing.assert_allclose(loss(model, {k: jnp.asarray(v) for k, v in cut.items()}), full,
                              rtol=1e-5)
