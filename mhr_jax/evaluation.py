@@ -25,8 +25,8 @@ that ``seqio.Evaluator.evaluate`` calls with a task's cached, enumerated example
   into accuracy; for any other task, the summed log-likelihood of the target (t5x's
   ``score_batch``).
 
-Batches are cut to the configured length buckets (``length_buckets.trim``) before the model
-sees them.
+With length buckets configured, the examples are batched in order of input length and each
+batch is cut to its buckets (``length_buckets.trim``) before the model sees it.
 """
 
 from __future__ import annotations
@@ -129,14 +129,32 @@ def _score_choices(graphdef, state, encoder_input_tokens, task_ids, choice_token
       nnx.merge(graphdef, state), encoder_input_tokens, task_ids, choice_tokens)
 
 
-def _batches(ds: tf.data.Dataset, batch_size: int):
-  """(indices [n], features padded to ``batch_size`` rows, n) of an enumerated dataset."""
-  for indices, feats in ds.batch(batch_size).as_numpy_iterator():
-    n = len(indices)
+def _batches(ds: tf.data.Dataset, batch_size: int, by_length: bool):
+  """(indices [n], features padded to ``batch_size`` rows, n) of an enumerated dataset.
+
+  With ``by_length`` the examples are batched in order of their input length, so that each
+  batch's longest input is close to its others and length buckets cut away most padding; the
+  indices carry every output back to its example, as ``seqio.Evaluator`` provides them for.
+  """
+  parts = list(ds.batch(1024).as_numpy_iterator())
+  if not parts:
+    return
+  indices = np.concatenate([p[0] for p in parts])
+  feats = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+  order = np.arange(len(indices))
+  if by_length:
+    tokens = feats["encoder_input_tokens"]
+    # Position after the last non-padding token of each row.
+    lengths = tokens.shape[1] - np.argmax(tokens[:, ::-1] != 0, axis=1)
+    order = np.argsort(lengths, kind="stable")
+  for start in range(0, len(order), batch_size):
+    rows = order[start:start + batch_size]
+    n = len(rows)
+    batch = {k: v[rows] for k, v in feats.items()}
     if n < batch_size:  # one program for every batch: fill with all-padding rows
-      feats = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
-               for k, v in feats.items()}
-    yield indices, feats, n
+      batch = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
+               for k, v in batch.items()}
+    yield indices[rows], batch, n
 
 
 def _choice_tokens(choices: Sequence[Sequence[Any]], vocabulary: seqio.Vocabulary,
@@ -192,7 +210,7 @@ class ModelFns:
     """[(index, predicted tokens)] of every example."""
     del model_feature_shapes
     out = []
-    for indices, feats, n in _batches(ds, self.batch_size):
+    for indices, feats, n in _batches(ds, self.batch_size, bool(self.buckets)):
       out.extend(zip(indices.tolist(), self._decode(feats)[:n].tolist()))
     return out
 
@@ -200,7 +218,7 @@ class ModelFns:
     """``predict_fn``'s output and ``{"scores": summed log-likelihood of each prediction}``."""
     del model_feature_shapes
     out, scores = [], []
-    for indices, feats, n in _batches(ds, self.batch_size):
+    for indices, feats, n in _batches(ds, self.batch_size, bool(self.buckets)):
       tokens = self._decode(feats)
       scored = {"encoder_input_tokens": feats["encoder_input_tokens"],
                 "task_ids": feats["task_ids"], "decoder_target_tokens": tokens,
@@ -213,7 +231,7 @@ class ModelFns:
     """[(index, score)]: per-choice normalised log-likelihoods, or the target's log-likelihood."""
     del model_feature_shapes
     out = []
-    for indices, feats, n in _batches(ds, self.batch_size):
+    for indices, feats, n in _batches(ds, self.batch_size, bool(self.buckets)):
       if self.choices is None:
         out.extend(zip(indices.tolist(), self._target_loglik(feats)[:n].tolist()))
         continue
