@@ -8,10 +8,12 @@ metrics that ask for auxiliary values, and metric objects; targets come from the
 the feature length is scored whole. Results go to seqio's loggers (Python logging, TensorBoard,
 JSON) in ``log_dir``, which the trainer sets to ``MODEL_DIR/inference_eval`` as t5x does.
 
-One ``seqio.Evaluator`` per task, not one per mixture: an example's routing id is a property of
-its task, so each task's feature converter (`RoutedFeatureConverter`) adds that task's id from
-the run's task table (or the zero-shot override) to every example as ``task_ids``, and the model
-functions read it from the batch.
+One ``seqio.Evaluator`` per task, not one per mixture, each with its own feature converter
+(`RoutedFeatureConverter`) that adds the routing id to every example as ``task_ids``: the id in
+the run's task table of the name the example carries in its ``task_name`` feature (a task may
+route through another task's row, as T0's per-template evaluation tasks route through their
+dataset's few-shot task), of the task's own name when its examples carry none, or the zero-shot
+override. The model functions read the ids from the batch.
 
 The model functions (`ModelFns`), the ``predict_fn`` / ``predict_with_aux_fn`` / ``score_fn``
 that ``seqio.Evaluator.evaluate`` calls with a task's cached, enumerated examples:
@@ -81,10 +83,14 @@ LOGGERS = (seqio.PyLoggingLogger, TensorBoardLogger, seqio.JSONLogger)
 
 
 class RoutedFeatureConverter(seqio.EncDecFeatureConverter):
-  """seqio's unpacked encoder-decoder features plus ``task_ids``, one task's routing id.
+  """seqio's unpacked encoder-decoder features plus ``task_ids``, each example's routing id.
 
   Args:
-    task_id: the id every example gets (the task's row in the run's task table).
+    table: the run's task-id table.
+    task: the task converted; its name routes examples without a ``task_name`` feature.
+    override: the id every example gets instead (zero-shot evaluation through one row).
+
+  An example whose routing name is not in ``table`` gets id -1; `TaskEvaluator` refuses it.
   """
 
   MODEL_FEATURES = {
@@ -92,14 +98,27 @@ class RoutedFeatureConverter(seqio.EncDecFeatureConverter):
       "task_ids": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32, rank=0),
   }
 
-  def __init__(self, task_id: int, **kwargs):
+  def __init__(self, table: data.TaskIdTable, task: str, override: Optional[int] = None,
+               **kwargs):
     super().__init__(pack=False, **kwargs)
-    self.task_id = int(task_id)
+    self.default_id = (override if override is not None
+                       else table.as_dict().get(task, -1))
+    self.lookup = None
+    if override is None and table.names:
+      self.lookup = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+          tf.constant(table.names), tf.range(table.n_tasks, dtype=tf.int32)), default_value=-1)
+
+  def _task_id(self, features) -> tf.Tensor:
+    if self.lookup is not None and data.TASK_NAME in features:
+      return self.lookup.lookup(features[data.TASK_NAME])
+    return tf.constant(self.default_id, tf.int32)
 
   def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths) -> tf.data.Dataset:
-    ds = super()._convert_features(ds, task_feature_lengths)
-    task_id = tf.constant(self.task_id, tf.int32)
-    return ds.map(lambda ex: {**ex, "task_ids": task_id})
+    ds = ds.map(lambda ex: {**ex, "task_ids": self._task_id(ex)})
+    return super()._convert_features(ds, task_feature_lengths)
+
+  def _convert_example(self, features):
+    return {**super()._convert_example(features), "task_ids": features["task_ids"]}
 
   def get_model_feature_lengths(self, task_feature_lengths) -> dict[str, int]:
     return {**super().get_model_feature_lengths(task_feature_lengths), "task_ids": 0}
@@ -270,19 +289,24 @@ class TaskEvaluator:
 
   Args:
     task: a registered seqio task.
-    task_id: the routing id every example of the task gets.
+    table: the run's task-id table (see `RoutedFeatureConverter`).
     data_cfg: the trainer's ``DataConfig`` (feature lengths, split, batch size, beams, cap,
       length buckets).
     split: the split evaluated (default ``data_cfg.eval_split``).
+    task_id_override: evaluate every example through this routing row.
     log_dir: where seqio's loggers write; None logs nothing.
+
+  Raises:
+    KeyError: when an example routes through a name the table does not hold.
   """
 
-  def __init__(self, task: str, task_id: int, data_cfg, *, split: Optional[str] = None,
+  def __init__(self, task: str, table: data.TaskIdTable, data_cfg, *,
+               split: Optional[str] = None, task_id_override: Optional[int] = None,
                log_dir: Optional[str] = None):
     self.task = seqio.TaskRegistry.get(task)
     self.data_cfg = data_cfg
     self.evaluator = seqio.Evaluator(
-        task, feature_converter=RoutedFeatureConverter(task_id),
+        task, feature_converter=RoutedFeatureConverter(table, task, task_id_override),
         eval_split=split or data_cfg.eval_split, sequence_length=dict(data_cfg.feature_lengths),
         num_examples=data_cfg.max_eval_examples, logger_cls=LOGGERS if log_dir else (),
         log_dir=log_dir, async_compute_metrics=False)
@@ -291,10 +315,20 @@ class TaskEvaluator:
     if self.evaluator.eval_tasks:
       examples = list(self.evaluator.cached_task_datasets[task].as_numpy_iterator())
       self.n_examples = len(examples)
+      self._check_routing(examples, table)
       if examples and "answer_choices" in examples[0]:
         vocab = self.task.output_features["targets"].vocabulary
         self.choices = _choice_tokens([ex["answer_choices"] for ex in examples], vocab,
                                       data_cfg.feature_lengths["targets"])
+
+  def _check_routing(self, examples, table: data.TaskIdTable) -> None:
+    ids = self.evaluator.cached_model_datasets[self.task.name].map(lambda i, ex: ex["task_ids"])
+    if min(ids.as_numpy_iterator(), default=0) >= 0:
+      return
+    names = sorted({routing_name(ex, self.task.name) for ex in examples} - set(table.names))
+    raise KeyError(f"Evaluation task {self.task.name!r} routes through {names}, which the "
+                   f"task-id table {list(table.names)} does not hold (set a task_id_override "
+                   "to evaluate it through one row)")
 
   def evaluate(self, model: network.T5, step: int = 0) -> Optional[dict[str, Any]]:
     """The task's metrics for ``model`` (None when the task has no split or metric to run)."""
@@ -313,6 +347,12 @@ class TaskEvaluator:
     return out
 
 
+def routing_name(example: Mapping[str, Any], task: str) -> str:
+  """The name an example routes through: its ``task_name`` feature, else its task's name."""
+  name = example.get(data.TASK_NAME, task)
+  return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def _plain(value):
   """A metric value as a Python number where it is one (for JSON results and reporters)."""
   if isinstance(value, seqio.metrics.Scalar):
@@ -329,19 +369,15 @@ def make_evaluators(table: data.TaskIdTable, data_cfg, *, split: Optional[str] =
                     log_dir: Optional[str] = None) -> list[TaskEvaluator]:
   """One `TaskEvaluator` per task of ``tasks`` (default ``data_cfg.eval_tasks``).
 
-  Each task's examples get its id in ``table``, or ``task_id_override`` (zero-shot MHR-mu has
-  no routing, and LoRA ignores task ids; both accept any id).
+  Each example gets its routing id from ``table`` (`RoutedFeatureConverter`), or
+  ``task_id_override`` (zero-shot MHR-mu has no routing, and LoRA ignores task ids; both accept
+  any id).
   """
   names = leaf_tasks(tasks if tasks is not None else data_cfg.eval_tasks)
-  if task_id_override is None:
-    missing = [n for n in names if n not in table.as_dict()]
-    if missing:
-      raise KeyError(f"Evaluation tasks missing from the task-id table {list(table.names)}: "
-                     f"{missing} (set a task_id_override to evaluate them through one row)")
   if log_dir and jax.process_index() != 0:
     log_dir = None  # one host writes the logs
-  return [TaskEvaluator(n, table.id(n) if task_id_override is None else task_id_override,
-                        data_cfg, split=split, log_dir=log_dir) for n in names]
+  return [TaskEvaluator(n, table, data_cfg, split=split, task_id_override=task_id_override,
+                        log_dir=log_dir) for n in names]
 
 
 def evaluate(model: network.T5, table: data.TaskIdTable, data_cfg, *,

@@ -10,6 +10,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import seqio
 import tensorflow as tf
 from flax import nnx
@@ -139,3 +140,10 @@ def test_user_task_metrics_through_seqio_evaluator(tmp_path):
   assert [r["prediction"] for r in rows] == [
       f"{ex['tag']}:{p}" for ex, p in zip(EXAMPLES, predictions)]
   assert [r["target"] for r in rows] == targets
+
+
+def test_task_outside_the_table_is_refused():
+  _register()
+  cfg = trainer.DataConfig(mixture=TASK, eval_tasks=(TASK,), feature_lengths=LENGTHS)
+  with pytest.raises(KeyError, match=f"routes through \\['{TASK}'\\].*task_id_override"):
+    evaluation.make_evaluators(data.TaskIdTable(("another_task",)), cfg)
