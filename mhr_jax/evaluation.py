@@ -45,7 +45,7 @@ import seqio
 import tensorflow as tf
 from flax import nnx
 
-from mhr_jax import data, decoding, length_buckets, models, network
+from mhr_jax import data, decoding, errors, length_buckets, models, network
 
 log = logging.getLogger("mhr_jax.evaluation")
 
@@ -297,7 +297,7 @@ class TaskEvaluator:
     log_dir: where seqio's loggers write; None logs nothing.
 
   Raises:
-    KeyError: when an example routes through a name the table does not hold.
+    errors.DataError: when an example routes through a name the table does not hold.
   """
 
   def __init__(self, task: str, table: data.TaskIdTable, data_cfg, *,
@@ -326,7 +326,7 @@ class TaskEvaluator:
     if min(ids.as_numpy_iterator(), default=0) >= 0:
       return
     names = sorted({routing_name(ex, self.task.name) for ex in examples} - set(table.names))
-    raise KeyError(f"Evaluation task {self.task.name!r} routes through {names}, which the "
+    raise errors.DataError(f"Evaluation task {self.task.name!r} routes through {names}, which the "
                    f"task-id table {list(table.names)} does not hold (set a task_id_override "
                    "to evaluate it through one row)")
 

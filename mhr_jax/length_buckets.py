@@ -13,6 +13,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from mhr_jax import errors
+
 # Which task feature's length each model feature has.
 _FEATURE_OF = {
   "encoder_input_tokens": "inputs",
@@ -31,7 +33,7 @@ def check(
   bucket, so a feature without buckets keeps its fixed length.
 
   Raises:
-    ValueError: naming every unknown feature and every length that is not a positive integer at
+    errors.ConfigError: naming every unknown feature and every length that is not a positive integer at
       most the feature length.
   """
   problems, out = [], {}
@@ -45,7 +47,7 @@ def check(
       problems.append(f"{feature!r} buckets {bad} are not integers in [1, {limit}]")
     out[feature] = tuple(sorted(set(n for n in lengths if n not in bad)))
   if problems:
-    raise ValueError("Bad length buckets: " + "; ".join(problems))
+    raise errors.ConfigError("Bad length buckets: " + "; ".join(problems))
   return out
 
 

@@ -9,7 +9,7 @@ failures that need a finished run (a mode mismatch on resume, a damaged checkpoi
 import gin
 import pytest
 
-from mhr_jax import checkpoints, errors, hf_import, train
+from mhr_jax import checkpoints, compilation_cache, errors, hf_import, train
 
 RUN = ["--gin_file=runs/pretrain.gin", "--gin_file=models/t5_1_1_tiny.gin",
        "--gin_file=adapters/mhr.gin", "--gin_file=overlays/cpu_tiny.gin",
@@ -17,7 +17,10 @@ RUN = ["--gin_file=runs/pretrain.gin", "--gin_file=models/t5_1_1_tiny.gin",
 
 
 @pytest.fixture(autouse=True)
-def clean_gin():
+def clean_gin(monkeypatch):
+  # In process, the command line's persistent compilation cache would stay on (in the user's
+  # cache folder) for the rest of the test session.
+  monkeypatch.setenv(compilation_cache.ENV, "off")
   gin.clear_config()
   yield
   gin.clear_config()

@@ -15,7 +15,7 @@ import seqio
 import tensorflow as tf
 from flax import nnx
 
-from mhr_jax import adapters, data, evaluation, network, trainer
+from mhr_jax import adapters, data, errors, evaluation, network, trainer
 
 TASK = "evalseqio_user_task_v1"
 VOCAB = seqio.ByteVocabulary()
@@ -145,5 +145,5 @@ def test_user_task_metrics_through_seqio_evaluator(tmp_path):
 def test_task_outside_the_table_is_refused():
   _register()
   cfg = trainer.DataConfig(mixture=TASK, eval_tasks=(TASK,), feature_lengths=LENGTHS)
-  with pytest.raises(KeyError, match=f"routes through \\['{TASK}'\\].*task_id_override"):
+  with pytest.raises(errors.DataError, match=f"routes through \\['{TASK}'\\].*task_id_override"):
     evaluation.make_evaluators(data.TaskIdTable(("another_task",)), cfg)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mhr_jax import length_buckets, models, network, trainer
+from mhr_jax import errors, length_buckets, models, network, trainer
 
 LENGTHS = {"inputs": 16, "targets": 8}
 
@@ -45,9 +45,9 @@ def test_bucket_choice_and_cut():
 
 
 def test_bad_buckets_are_refused():
-  with pytest.raises(ValueError, match=r"'inputs' buckets \[0, 20\].*'labels' is not a feature"):
+  with pytest.raises(errors.ConfigError, match=r"'inputs' buckets \[0, 20\].*'labels' is not a feature"):
     length_buckets.check({"inputs": (0, 8, 20), "labels": (4,)}, LENGTHS)
-  with pytest.raises(ValueError, match="Bad length buckets"):
+  with pytest.raises(errors.ConfigError, match="Bad length buckets"):
     trainer.DataConfig(mixture="m", feature_lengths=LENGTHS, length_buckets={"targets": (9,)})
 
 
