@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,7 @@ import seqio
 import tensorflow as tf
 from flax import nnx
 
-from mhr_jax import data, decoding, errors, length_buckets, models, network
+from mhr_jax import data, decoding, errors, length_buckets, models, network, protocol
 
 log = logging.getLogger("mhr_jax.evaluation")
 
@@ -311,7 +311,7 @@ class TaskEvaluator:
         num_examples=data_cfg.max_eval_examples, logger_cls=LOGGERS if log_dir else (),
         log_dir=log_dir, async_compute_metrics=False)
     self.n_examples = 0
-    self.choices = None
+    self.choices = self.labels = self.example_ids = self.outcome = None
     if self.evaluator.eval_tasks:
       examples = list(self.evaluator.cached_task_datasets[task].as_numpy_iterator())
       self.n_examples = len(examples)
@@ -320,6 +320,10 @@ class TaskEvaluator:
         vocab = self.task.output_features["targets"].vocabulary
         self.choices = _choice_tokens([ex["answer_choices"] for ex in examples], vocab,
                                       data_cfg.feature_lengths["targets"])
+        self.labels = np.asarray([int(ex["label"]) for ex in examples], np.int64)
+        # The source example of each: its own feature where the task gives one, else its index.
+        self.example_ids = np.asarray([int(ex.get(protocol.EXAMPLE_ID, i))
+                                       for i, ex in enumerate(examples)], np.int64)
 
   def _check_routing(self, examples, table: data.TaskIdTable) -> None:
     ids = self.evaluator.cached_model_datasets[self.task.name].map(lambda i, ex: ex["task_ids"])
@@ -331,7 +335,12 @@ class TaskEvaluator:
                    "to evaluate it through one row)")
 
   def evaluate(self, model: network.T5, step: int = 0) -> Optional[dict[str, Any]]:
-    """The task's metrics for ``model`` (None when the task has no split or metric to run)."""
+    """The task's metrics for ``model`` (None when the task has no split or metric to run).
+
+    For rank classification it also keeps ``self.outcome``: ``example_ids`` (the source
+    examples), ``predictions`` (the best-scoring choice) and ``labels`` of the examples, in the
+    order of the evaluator's cache, for the dataset scores of `mhr_jax.protocol`.
+    """
     if not self.evaluator.eval_tasks:
       return None
     cfg = self.data_cfg
@@ -339,9 +348,22 @@ class TaskEvaluator:
                    max_decode_len=cfg.feature_lengths["targets"], num_beams=cfg.eval_num_beams,
                    buckets=length_buckets.check(cfg.length_buckets, cfg.feature_lengths),
                    choices=self.choices)
+    scores = {}
+
+    def score_fn(ds, model_feature_shapes=None):
+      out = fns.score_fn(ds, model_feature_shapes)
+      scores.update(out)
+      return out
+
     metrics, _ = self.evaluator.evaluate(
-        compute_metrics=True, step=step, predict_fn=fns.predict_fn, score_fn=fns.score_fn,
+        compute_metrics=True, step=step, predict_fn=fns.predict_fn, score_fn=score_fn,
         predict_with_aux_fn=fns.predict_with_aux_fn)
+    self.outcome = None
+    if self.choices is not None and len(scores) == self.n_examples:
+      # [N, C] -> [N] the best choice of each example, by cache index.
+      best = np.argmax(np.asarray([scores[i] for i in range(self.n_examples)]), axis=-1)
+      self.outcome = {"example_ids": self.example_ids, "predictions": best,
+                      "labels": self.labels}
     out = {k: _plain(v) for k, v in metrics.result()[self.task.name].items()}
     out["n_examples"] = self.n_examples
     return out
@@ -383,8 +405,14 @@ def make_evaluators(table: data.TaskIdTable, data_cfg, *, split: Optional[str] =
 def evaluate(model: network.T5, table: data.TaskIdTable, data_cfg, *,
              split: Optional[str] = None, tasks: Optional[Sequence[str]] = None,
              task_id_override: Optional[int] = None, log_dir: Optional[str] = None,
-             step: int = 0) -> dict[str, dict[str, Any]]:
+             step: int = 0, dataset_of: Optional[Callable[[str], Optional[str]]] = None,
+             seed: int = 0) -> dict[str, dict[str, Any]]:
   """Every evaluation task's seqio metrics, ``{task: {metric: value, "n_examples": n}}``.
+
+  With ``dataset_of``, the rank-classification tasks it maps to a held-out dataset (T0's
+  templates, ``tasks.t0.dataset_of``) are also scored per dataset, under both protocols of
+  `mhr_jax.protocol` (one template drawn per example with ``seed``, and the median over
+  templates): ``{"t0_<dataset>": protocol.dataset_scores(...)}`` beside the templates' entries.
 
   Args:
     model: the T5 evaluated.
@@ -396,8 +424,10 @@ def evaluate(model: network.T5, table: data.TaskIdTable, data_cfg, *,
     log_dir: where seqio's loggers write (TensorBoard under ``log_dir/<task>``,
       ``<task>-metrics.jsonl``, and the examples with their predictions per step); None: no logs.
     step: the step the logs record.
+    dataset_of: a task's held-out dataset, None for a task of none.
+    seed: the run's seed, which draws the random template of each example.
   """
-  results = {}
+  results, outcomes = {}, {}
   for ev in make_evaluators(table, data_cfg, split=split, tasks=tasks,
                             task_id_override=task_id_override, log_dir=log_dir):
     metrics = ev.evaluate(model, step)
@@ -406,6 +436,10 @@ def evaluate(model: network.T5, table: data.TaskIdTable, data_cfg, *,
                split or data_cfg.eval_split)
       continue
     results[ev.task.name] = metrics
+    if ev.outcome is not None:
+      outcomes[ev.task.name] = ev.outcome
+  if dataset_of is not None:
+    results.update(protocol.grouped_dataset_scores(outcomes, dataset_of, seed=seed))
   return results
 
 

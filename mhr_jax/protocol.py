@@ -22,10 +22,13 @@ and how the report aggregates them over runs.
 from __future__ import annotations
 
 import zlib
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 
+# The example feature naming its source example (its row in the dataset's file): the same id
+# under every template (``tasks/t0.py`` adds it).
+EXAMPLE_ID = "example_id"
 RANDOM_TEMPLATE = "accuracy_random_template"
 MEDIAN_TEMPLATE = "accuracy_median_template"
 METRICS = (RANDOM_TEMPLATE, MEDIAN_TEMPLATE)
@@ -91,8 +94,8 @@ def random_template_accuracy(per_template: Mapping[str, Mapping[str, np.ndarray]
   Args:
     per_template: ``{template task name: rank classification outcome}`` for one dataset, each with
       ``example_ids`` (the source example: the same id in every template), ``predictions`` (the
-      chosen answer) and ``labels`` (the gold answer), as `mhr_jax.data.rank_classification_predict`
-      returns them. An example is drawn among the templates that render it (templates sorted by
+      chosen answer) and ``labels`` (the gold answer), as the evaluation keeps them
+      (``evaluation.TaskEvaluator.outcome``). An example is drawn among the templates that render it (templates sorted by
       name), so a template that skips some examples (COPA's cause-only prompts) is never drawn
       for them.
     seed: the run's seed.
@@ -130,3 +133,31 @@ def dataset_scores(per_template: Mapping[str, Mapping[str, np.ndarray]], *, seed
   return {RANDOM_TEMPLATE: random_acc,
           MEDIAN_TEMPLATE: median_template_accuracy(template_accuracies(per_template)),
           "n_examples": n, "n_templates": len(per_template)}
+
+
+def dataset_key(dataset: str) -> str:
+  """The ``eval`` entry of a dataset's scores: its mixture's name, ``t0_<dataset>``."""
+  return f"t0_{dataset}"
+
+
+def grouped_dataset_scores(outcomes: Mapping[str, Mapping[str, np.ndarray]],
+                           dataset_of: Callable[[str], Optional[str]], *,
+                           seed: int) -> dict[str, dict[str, float]]:
+  """`dataset_scores` of every dataset among the evaluated templates.
+
+  Args:
+    outcomes: ``{template task: rank classification outcome}`` of one evaluation, as in
+      `random_template_accuracy`; tasks of several datasets (and others) may be mixed.
+    dataset_of: a task's held-out dataset (``tasks.t0.dataset_of``), None for tasks of none.
+    seed: the run's seed.
+
+  Returns:
+    ``{dataset_key(dataset): dataset_scores(...)}``, one entry per dataset with templates here.
+  """
+  groups: dict[str, dict[str, Mapping[str, np.ndarray]]] = {}
+  for task, outcome in outcomes.items():
+    dataset = dataset_of(task)
+    if dataset is not None:
+      groups.setdefault(dataset, {})[task] = outcome
+  return {dataset_key(d): dataset_scores(per_template, seed=seed, dataset=d)
+          for d, per_template in sorted(groups.items())}

@@ -45,6 +45,8 @@ class RunState:
     start_step: the step the loop starts from (after ``restore``).
     n_choices: answer choices per example of the T-Few batches (``TrainConfig.loss`` "tfew");
       None for the LM loss.
+    seed: the run's seed (``TrainConfig.seed``), which also draws the evaluation's templates
+      (``protocol.random_template_accuracy``).
   """
 
   kind: modes.RunKind
@@ -63,6 +65,7 @@ class RunState:
   counts: dict
   start_step: int = 0
   n_choices: Optional[int] = None
+  seed: int = 0
 
 
 def build_state(kind: modes.RunKind, model_dir: epath.Path, model_cfg: ModelConfig,
@@ -97,7 +100,8 @@ def build_state(kind: modes.RunKind, model_dir: epath.Path, model_cfg: ModelConf
       kind=kind, mode=mode, model_dir=model_dir, copies=copies, vmapped=train_cfg.vmap_tasks,
       graphdef=graphdef, trainable=trainable, frozen=frozen, opt_state=None, step_fn=step_fn,
       mesh=mesh, batch_sharding=None, metadata={},
-      counts=adapters.parameter_counts(model, mode.name), n_choices=n_choices)
+      counts=adapters.parameter_counts(model, mode.name), n_choices=n_choices,
+      seed=train_cfg.seed)
   _shard_and_jit(state, tx, mesh, rules)
   state.metadata = checkpoints.make_metadata(
       mode=mode.name, task_table=table.as_dict(), trainable=state.trainable,

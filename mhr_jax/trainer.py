@@ -37,6 +37,7 @@ from mhr_jax import (adapters, checkpoints, data, errors, evaluation, hf_import,
 from mhr_jax.run_state import RunState, build_state
 
 import tasks.mixtures  # noqa: E402,F401  (registers the task collections)
+from tasks import t0  # noqa: E402
 
 log = logging.getLogger("mhr_jax.trainer")
 
@@ -136,8 +137,6 @@ class DataConfig:
   def register(self) -> None:
     """Registers the collections that read local files (idempotent)."""
     if self.t0_data_dir:
-      from tasks import t0
-
       t0.register_t0(self.t0_data_dir)
     if self.super_ni_dir:
       from tasks import super_ni
@@ -382,7 +381,9 @@ def evaluate_copies(state: RunState, data_cfg: DataConfig, step: int) -> dict:
 
   Tasks outside the run's task table (zero-shot) are evaluated through the mode's
   ``zero_shot_task_id``. seqio's loggers write to ``model_dir/inference_eval`` (TensorBoard and
-  JSON), as in t5x.
+  JSON), as in t5x. Unless vmapped (where each copy evaluates its own task), T0's templates also
+  give one score per held-out dataset, ``t0_<dataset>`` (`mhr_jax.protocol`), the random
+  template of each example drawn with the run's seed.
   """
   out = {}
   for i, (name, table) in enumerate(state.copies):
@@ -390,7 +391,8 @@ def evaluate_copies(state: RunState, data_cfg: DataConfig, step: int) -> dict:
     model = nnx.merge(state.graphdef, trainable, state.frozen)
     tasks = [name] if state.vmapped else data_cfg.eval_tasks
     override = None if state.vmapped else state.mode.zero_shot_task_id
-    out.update(evaluation.evaluate(model, table, data_cfg, tasks=tasks,
-                                   task_id_override=override,
-                                   log_dir=evaluation.log_dir_of(state.model_dir), step=step))
+    out.update(evaluation.evaluate(
+        model, table, data_cfg, tasks=tasks, task_id_override=override,
+        log_dir=evaluation.log_dir_of(state.model_dir), step=step,
+        dataset_of=None if state.vmapped else t0.dataset_of, seed=state.seed))
   return out

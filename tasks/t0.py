@@ -25,7 +25,9 @@ dropped, counted and logged.
 Each task carries ``answer_choices`` and ``label`` next to ``inputs``/``targets`` for rank
 classification (`mhr_jax.data.rank_classification_rows`) and the T-Few training batches
 (`mhr_jax.data.multiple_choice_rows`); its metric is the seqio score metric
-`mhr_jax.data.rank_classification_accuracy` over every choice's score (`mhr_jax.evaluation`).
+`mhr_jax.data.rank_classification_accuracy` over every choice's score (`mhr_jax.evaluation`),
+and ``example_id``, the source row, by which the evaluation scores each dataset as a whole
+(`dataset_of`, `mhr_jax.protocol`).
 
 Few-shot fine-tuning trains on one task per held-out dataset, ``t0_<dataset>_fewshot``: one task
 id (one routing row) for the whole dataset and a template drawn at random for each example, as the
@@ -50,10 +52,13 @@ import seqio
 import tensorflow as tf
 import yaml
 
-from mhr_jax import data as data_lib
+from mhr_jax import data as data_lib, protocol
 from tasks import common, vocab as vocab_lib
 
 DATA_DIR_ENV = "MHR_DATA_DIR"
+# The feature naming an example's source row (its position in the data file), for the dataset
+# scores of `mhr_jax.protocol`, which draw one template per source example.
+EXAMPLE_ID = protocol.EXAMPLE_ID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,10 +236,12 @@ def render_rows(path: pathlib.Path, spec: DatasetSpec, template: Template) -> li
   """Every row of a data file rendered under one template, in file order.
 
   A row whose prompt renders an empty input or target is ``None``; a target that is not one of
-  the rendered answer choices is an error naming the file and line.
+  the rendered answer choices is an error naming the file and line. Each example carries
+  ``example_id``, its row's position in the file: the same source example has the same id under
+  every template, whichever rows a template drops.
   """
   out = []
-  for n, row in read_jsonl(path):
+  for index, (n, row) in enumerate(read_jsonl(path)):
     where = f"{path}:{n}"
     row = normalise_row(row, spec, where)
     inputs, targets, choices = template.render(row, where)
@@ -247,7 +254,7 @@ def render_rows(path: pathlib.Path, spec: DatasetSpec, template: Template) -> li
         f"{choices} of template {template.name!r}"
       )
     out.append({"inputs": inputs, "targets": targets, "answer_choices": choices,
-                "label": choices.index(targets)})
+                "label": choices.index(targets), EXAMPLE_ID: index})
   return out
 
 
@@ -294,6 +301,7 @@ _SIGNATURE = {
   "targets": tf.TensorSpec([], tf.string),
   "answer_choices": tf.TensorSpec([None], tf.string),
   "label": tf.TensorSpec([], tf.int32),
+  EXAMPLE_ID: tf.TensorSpec([], tf.int32),
 }
 
 
@@ -385,6 +393,15 @@ def training_templates(templates: Sequence[Template], spec: DatasetSpec) -> list
 # dataset -> (what it was registered from, {"templates": [...], "fewshot": ..., "eval": [...]})
 _DATASETS_DONE: dict[str, tuple[tuple, dict]] = {}
 _CALLS: dict[tuple, dict[str, list[str]]] = {}
+
+
+def dataset_of(task: str) -> Optional[str]:
+  """The held-out dataset (``"rte"``) whose per-template task ``task`` is, evaluated through its
+  own routing row or the few-shot task's; None for any other task."""
+  for ds_name, (_, names) in _DATASETS_DONE.items():
+    if task in names["templates"] or task in names["eval"]:
+      return ds_name
+  return None
 
 
 def _register_dataset(ds_name: str, root: pathlib.Path, files: dict, vocabulary,

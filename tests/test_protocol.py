@@ -100,3 +100,18 @@ def test_dataset_scores_names_both_protocols():
 def test_bad_input_names_the_problem(bad, message):
   with pytest.raises(ValueError, match=message):
     protocol.random_template_accuracy(bad, seed=0, dataset="rte")
+
+
+def test_grouped_scores_one_entry_per_dataset_other_tasks_left_out():
+  outcomes = {"t0_rte_a": right(range(4)), "t0_rte_b": wrong(range(4)),
+              "t0_cb_a": wrong(range(3)), "synthetic_x": right(range(2))}
+  dataset_of = {"t0_rte_a": "rte", "t0_rte_b": "rte", "t0_cb_a": "cb"}.get
+  got = protocol.grouped_dataset_scores(outcomes, dataset_of, seed=7)
+  assert sorted(got) == ["t0_cb", "t0_rte"]
+  assert got["t0_cb"] == {"accuracy_random_template": 0.0, "accuracy_median_template": 0.0,
+                          "n_examples": 3, "n_templates": 1}
+  # RTE: median of 100 and 0; each example right exactly when template a is drawn for it.
+  picks = protocol.draw_templates(np.arange(4), np.full(4, 2), seed=7, dataset="rte")
+  assert got["t0_rte"]["accuracy_median_template"] == 50.0
+  assert got["t0_rte"]["accuracy_random_template"] == 100.0 * np.mean(picks == 0)
+  assert got == protocol.grouped_dataset_scores(outcomes, dataset_of, seed=7)  # reproducible

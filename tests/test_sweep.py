@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mhr_jax import report, sweep
@@ -105,17 +106,32 @@ def test_tiny_sweep_two_datasets_two_seeds_two_methods_then_report(tmp_path, sha
                   for s in (0, 1)]
   declared = json.loads((out / "mhr_z" / "wic" / "seed_1" / "run.json").read_text())
   assert (declared["method"], declared["dataset"], declared["seed"]) == ("mhr_z", "wic", 1)
-  results = json.loads((out / "mhr_z" / "wic" / "seed_1" / "results.json").read_text())
-  assert results["mode"] == "mhr_z" and len(results["eval"]) == 10  # one entry per template
+  one = out / "mhr_z" / "wic" / "seed_1"
+  results = json.loads((one / "results.json").read_text())
+  templates = [k for k in results["eval"] if k.startswith("t0_wic_")]
+  assert results["mode"] == "mhr_z" and len(templates) == 10  # one entry per template
+  # and one per dataset under both protocols, the authors' drawn with the run's seed.
+  wic = results["eval"]["t0_wic"]
+  assert (wic["n_templates"], wic["n_examples"]) == (10, 2)
+  assert set(wic) >= {"accuracy_random_template", "accuracy_median_template"}
   # Started again, it finds nothing to do.
   again = subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
   assert "8 runs planned, 0 to run" in again.stdout
-  # The table under T0's protocol (the only one today's results.json records).
-  tables = report.report([out], metric="median_template")
+  # A run repeated (its results removed: resumed at its last step, evaluated again) draws the
+  # same templates: the same scores.
+  (one / "results.json").unlink()
+  again = subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
+  assert "8 runs planned, 1 to run" in again.stdout
+  assert json.loads((one / "results.json").read_text())["eval"] == results["eval"]
+  # The table under the authors' protocol: per dataset the median over seeds, then the mean.
+  tables = report.report([out], metric="random_template")
   t0 = tables["t0"]
   assert t0["datasets"] == ["rte", "wic"] and t0["seeds"] == [0, 1]
   assert list(t0["methods"]) == ["mhr", "mhr_z"]
-  for row in t0["methods"].values():
-    assert 0.0 <= row["mean"] <= 100.0
+  for method, row in t0["methods"].items():
+    medians = [np.median([json.loads((out / method / d / f"seed_{s}" / "results.json").read_text())
+                          ["eval"][f"t0_{d}"]["accuracy_random_template"] for s in (0, 1)])
+               for d in ("rte", "wic")]
+    assert row["mean"] == pytest.approx(np.mean(medians))
   text = report.format_markdown(tables)
   assert "| method | rte | wic | mean |" in text
