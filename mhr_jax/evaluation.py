@@ -23,7 +23,7 @@ that ``seqio.Evaluator.evaluate`` calls with a task's cached, enumerated example
   token log-likelihood under the model.
 * ``score_fn``: for a task whose examples carry ``answer_choices`` (rank classification, T0),
   the length-normalised log-likelihood of every choice (``[C]`` per example, the input encoded
-  once: ``decoding.score_choices``), which `mhr_jax.data.rank_classification_accuracy` turns
+  once: ``decoding.score_choices``), which `mhr_jax.choices.rank_classification_accuracy` turns
   into accuracy; for any other task, the summed log-likelihood of the target (t5x's
   ``score_batch``).
 

@@ -135,7 +135,7 @@ def tfew_losses(
 ) -> tuple[Array, dict]:
   """The T-Few loss of a multiple-choice batch: LM + ``mc_weight`` MC + ``unlikely_weight`` UL.
 
-  Rows are example-major (``data.multiple_choice_rows``): row ``b * n_choices + c`` holds answer
+  Rows are example-major (``choices.multiple_choice_rows``): row ``b * n_choices + c`` holds answer
   choice c of example b as its target; a padded choice has all-zero ``weights``. With s_bc the
   summed token NLL of choice c divided by its length ** ``length_norm``:
 
@@ -196,7 +196,7 @@ def tfew_losses(
 def tfew_loss_fn(model: T5, batch, n_choices: int, *, deterministic: bool = False,
                  length_norm: float = 1.0, mc_weight: float = 1.0, unlikely_weight: float = 1.0
                  ) -> tuple[Array, dict]:
-  """`tfew_losses` of a multiple-choice batch (``data.multiple_choice_rows`` layout).
+  """`tfew_losses` of a multiple-choice batch (``choices.multiple_choice_rows`` layout).
 
   The encoder runs once per example, on the first of its ``n_choices`` rows, and its output is
   repeated for every choice, as in the authors' ``training_step`` (one dropout mask per example

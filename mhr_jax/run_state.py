@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
-from mhr_jax import (adapters, checkpoints, data, errors, hf_import, modes, models, network,
-                     optimizers, row_sparse, sharding, steps)
+from mhr_jax import (adapters, checkpoints, choices, data, errors, hf_import, modes, models,
+                     network, optimizers, row_sparse, sharding, steps)
 
 if TYPE_CHECKING:
   from mhr_jax.trainer import DataConfig, ModelConfig, TrainConfig
@@ -257,7 +257,7 @@ def _n_choices(copies) -> int:
   """Answer choices per example of the T-Few batches: the most any training example has (one
   value for every copy, so that vmapped copies' batches stack)."""
   try:
-    return max(data.max_choices(name, "train") for name, _ in copies)
+    return max(choices.max_choices(name, "train") for name, _ in copies)
   except ValueError as e:
     raise errors.ConfigError(f"TrainConfig.loss='tfew' needs multiple-choice examples: {e}") from e
 

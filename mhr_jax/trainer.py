@@ -165,7 +165,7 @@ class TrainConfig:
     loss: "lm", the token cross-entropy of the targets, or "tfew", the T-Few losses of
       multiple-choice fine-tuning (``models.tfew_loss_fn``: LM on the gold choice +
       ``mc_loss`` x length-normalised choice loss + ``unlikely_loss`` x unlikelihood of the
-      wrong choices), trained on ``data.MultipleChoiceIterator`` batches of a mixture whose
+      wrong choices), trained on ``choices.MultipleChoiceIterator`` batches of a mixture whose
       examples carry ``answer_choices`` and ``label`` (the T0 tasks).
     mc_loss, length_norm, unlikely_loss: the T-Few weights, named as in the authors'
       ``t0/<dataset>.json`` (all 1 there); read with ``loss="tfew"`` only.

@@ -23,9 +23,9 @@ an empty input or target (some COPA templates apply to "cause" questions only, u
 dropped, counted and logged.
 
 Each task carries ``answer_choices`` and ``label`` next to ``inputs``/``targets`` for rank
-classification (`mhr_jax.data.rank_classification_rows`) and the T-Few training batches
-(`mhr_jax.data.multiple_choice_rows`); its metric is the seqio score metric
-`mhr_jax.data.rank_classification_accuracy` over every choice's score (`mhr_jax.evaluation`),
+classification (`mhr_jax.choices.rank_classification_rows`) and the T-Few training batches
+(`mhr_jax.choices.multiple_choice_rows`); its metric is the seqio score metric
+`mhr_jax.choices.rank_classification_accuracy` over every choice's score (`mhr_jax.evaluation`),
 and ``example_id``, the source row, by which the evaluation scores each dataset as a whole
 (`dataset_of`, `mhr_jax.protocol`).
 
@@ -52,7 +52,7 @@ import seqio
 import tensorflow as tf
 import yaml
 
-from mhr_jax import data as data_lib, protocol
+from mhr_jax import choices, protocol
 from tasks import common, vocab as vocab_lib
 
 DATA_DIR_ENV = "MHR_DATA_DIR"
@@ -309,7 +309,7 @@ def _add(name, dataset_fn, splits, vocabulary, routing_name=None):
   # Few-shot splits hold at most 70 rows; a larger shuffle buffer only slows the start.
   common.add_text_task(
     name, seqio.FunctionDataSource(dataset_fn, splits=list(splits)), vocabulary,
-    postprocess_fn=_postprocess, metric_fns=[data_lib.rank_classification_accuracy],
+    postprocess_fn=_postprocess, metric_fns=[choices.rank_classification_accuracy],
     shuffle_buffer_size=128,
     routing_name=routing_name)
 

@@ -5,7 +5,7 @@ import pytest
 import seqio
 
 import tasks.mixtures  # noqa: F401
-from mhr_jax import data
+from mhr_jax import choices, data
 from tasks import synthetic
 
 TINY = synthetic.SyntheticConfig(
@@ -170,7 +170,7 @@ def _rank_rows():
     {"inputs": [10, 11, 1], "answer_choices": ["yes", "no"], "label": 1, "task_name": "t_b"},
     {"inputs": [12, 1], "answer_choices": [b"x", b"yy", b"zzz"], "label": 0, "task_name": "t_a"},
   ]
-  return data.rank_classification_rows(examples, vocab, table, {"inputs": 8, "targets": 6})
+  return choices.rank_classification_rows(examples, vocab, table, {"inputs": 8, "targets": 6})
 
 
 def test_rank_rows_repeat_examples_and_task_ids():
@@ -190,30 +190,30 @@ def test_rank_prediction_is_length_normalised():
   # Example 0: "yes" sums to -4 over 4 tokens (-1.0), "no" -3.3 over 3 (-1.1): "yes" wins although
   # "no" has the higher sum. Example 1: -1.0 / 2, -1.2 / 3, -2.0 / 4 -> choice 1.
   loglik = np.array([-4.0, -3.3, -1.0, -1.2, -2.0])
-  out = data.rank_classification_predict(loglik, lengths, rows["example_ids"], rows["choice_ids"],
+  out = choices.rank_classification_predict(loglik, lengths, rows["example_ids"], rows["choice_ids"],
                                          rows["is_correct"])
   np.testing.assert_array_equal(out["predictions"], [0, 1])
   np.testing.assert_array_equal(out["labels"], [1, 0])
   assert out["accuracy"] == 0.0
-  assert data.rank_accuracy(out["labels"], out["predictions"]) == {"accuracy": 0.0}
+  assert choices.rank_accuracy(out["labels"], out["predictions"]) == {"accuracy": 0.0}
 
 
 def test_rank_batches_pad_the_last_batch_and_padding_is_ignored():
   rows = _rank_rows()
-  batches = list(data.rank_classification_batches(rows, batch_size=4))
+  batches = list(choices.rank_classification_batches(rows, batch_size=4))
   assert len(batches) == 2 and all(b["example_ids"].shape == (4,) for b in batches)
   np.testing.assert_array_equal(batches[1]["example_ids"], [1, -1, -1, -1])
   assert batches[1]["decoder_loss_weights"][1:].sum() == 0
   cat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
   loglik = np.where(cat["is_correct"] > 0, -0.1, -5.0)
   loglik[cat["example_ids"] < 0] = 100.0  # Padding must not win.
-  out = data.rank_classification_predict(loglik, cat["decoder_loss_weights"].sum(1),
+  out = choices.rank_classification_predict(loglik, cat["decoder_loss_weights"].sum(1),
                                          cat["example_ids"], cat["choice_ids"], cat["is_correct"])
   assert out["accuracy"] == 100.0 and len(out["predictions"]) == 2
 
 
 def test_rank_rows_reject_label_outside_choices():
   with pytest.raises(ValueError, match="label 2 outside"):
-    data.rank_classification_rows(
+    choices.rank_classification_rows(
       [{"inputs": [5, 1], "answer_choices": ["a", "b"], "label": 2, "task_name": "t"}],
       seqio.ByteVocabulary(), data.TaskIdTable(("t",)), {"inputs": 4, "targets": 4})

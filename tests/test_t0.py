@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import seqio
 
-from mhr_jax import data
+from mhr_jax import choices, data
 from tasks import t0
 
 
@@ -98,19 +98,19 @@ def test_perfect_scorer_gets_100_on_rte_validation(names):
   examples = list(data.get_examples(task, "validation", lengths).as_numpy_iterator())
   assert len(examples) == 277
   vocab = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
-  rows = data.rank_classification_rows(examples, vocab, table, lengths)
+  rows = choices.rank_classification_rows(examples, vocab, table, lengths)
   assert len(rows["example_ids"]) == 2 * 277
   assert set(rows["task_ids"]) == {table.id(task)}
   assert vocab.decode(rows["decoder_target_tokens"][1].tolist()) == "No"
-  batches = list(data.rank_classification_batches(rows, batch_size=64))
+  batches = list(choices.rank_classification_batches(rows, batch_size=64))
   cat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
   perfect = np.where(cat["is_correct"] > 0, -0.5, -3.0) * cat["decoder_loss_weights"].sum(1)
-  out = data.rank_classification_predict(perfect, cat["decoder_loss_weights"].sum(1),
+  out = choices.rank_classification_predict(perfect, cat["decoder_loss_weights"].sum(1),
                                          cat["example_ids"], cat["choice_ids"], cat["is_correct"])
   assert out["accuracy"] == 100.0 and len(out["predictions"]) == 277
   gold = [seqio.get_mixture_or_task(task).postprocess_fn(None, example=ex, is_target=True)
           for ex in examples]
-  assert data.rank_accuracy(gold, out["predictions"]) == {"accuracy": 100.0}
+  assert choices.rank_accuracy(gold, out["predictions"]) == {"accuracy": 100.0}
   assert np.mean(gold) == pytest.approx(131 / 277)  # "not_entailment" rows
 
 
@@ -156,8 +156,8 @@ def test_copa_fewshot_task_draws_from_the_authors_eight_templates(root, names):
 def test_fewshot_training_batches_and_routed_evaluation(names):
   table = data.TaskIdTable(("some_pretraining_task", t0.fewshot_task("rte")))
   lengths = {"inputs": 256, "targets": 8}
-  assert data.max_choices(t0.fewshot_task("rte")) == 2
-  it = data.MultipleChoiceIterator(t0.fewshot_task("rte"), table, lengths, 8, 2, seed=0)
+  assert choices.max_choices(t0.fewshot_task("rte")) == 2
+  it = choices.MultipleChoiceIterator(t0.fewshot_task("rte"), table, lengths, 8, 2, seed=0)
   batch = next(it)
   assert batch["encoder_input_tokens"].shape == (16, 256)
   assert set(batch["task_ids"].tolist()) == {1} and batch["is_correct"].sum() == 8
@@ -167,7 +167,7 @@ def test_fewshot_training_batches_and_routed_evaluation(names):
   assert len(mixture.tasks) == 10
   task = mixture.tasks[0].name
   examples = list(data.get_examples(task, "validation", lengths).as_numpy_iterator())[:5]
-  rows = data.rank_classification_rows(examples, seqio.get_mixture_or_task(task)
+  rows = choices.rank_classification_rows(examples, seqio.get_mixture_or_task(task)
                                        .output_features["targets"].vocabulary, table, lengths)
   assert set(rows["task_ids"].tolist()) == {1}
 

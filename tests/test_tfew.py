@@ -1,5 +1,5 @@
 """T-Few losses (models.tfew_losses) against hand-computed values and a NumPy reference, and the
-multiple-choice batch layout (data.multiple_choice_rows)."""
+multiple-choice batch layout (choices.multiple_choice_rows)."""
 
 import math
 
@@ -10,7 +10,7 @@ import pytest
 import seqio
 from flax import nnx
 
-from mhr_jax import data, models, network
+from mhr_jax import choices, data, models, network
 
 # One compiled program per configuration: op-by-op dispatch is slower on CPU.
 tfew_losses = jax.jit(models.tfew_losses, static_argnums=4,
@@ -140,8 +140,8 @@ def test_multiple_choice_rows_layout():
                "task_name": b"b"},
               {"inputs": [12, 1], "answer_choices": ["x", "yy", "zzzzzzzz"], "label": 0,
                "task_name": "a"}]
-  rows = data.multiple_choice_rows(examples, vocab, table, {"inputs": 4, "targets": 5}, 3)
-  assert set(rows) == set(data.MULTIPLE_CHOICE_KEYS)
+  rows = choices.multiple_choice_rows(examples, vocab, table, {"inputs": 4, "targets": 5}, 3)
+  assert set(rows) == set(choices.MULTIPLE_CHOICE_KEYS)
   assert rows["example_ids"].tolist() == [0, 0, 0, 1, 1, 1]
   assert rows["choice_ids"].tolist() == [0, 1, 2, 0, 1, 2]
   assert rows["is_correct"].tolist() == [0, 1, 0, 1, 0, 0]
@@ -154,4 +154,4 @@ def test_multiple_choice_rows_layout():
   shifted = [0] + rows["decoder_target_tokens"][1][:4].tolist()
   assert rows["decoder_input_tokens"][1].tolist() == shifted
   with pytest.raises(ValueError, match="3 answer choices.*n_choices=2"):
-    data.multiple_choice_rows(examples, vocab, table, {"inputs": 4, "targets": 5}, 2)
+    choices.multiple_choice_rows(examples, vocab, table, {"inputs": 4, "targets": 5}, 2)
