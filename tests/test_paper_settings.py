@@ -36,8 +36,10 @@ def _cell(text):
 
 
 def _rows():
-  """The table's rows as dicts keyed by its header."""
-  lines = [l for l in TABLE.read_text().splitlines() if l.startswith("| ")]
+  """The rows of the section "The table" as dicts keyed by its header (tables of other sections,
+  such as the parameter counts, are not settings)."""
+  section = TABLE.read_text().split("\n## The table\n", 1)[1].split("\n## ", 1)[0]
+  lines = [l for l in section.splitlines() if l.startswith("| ")]
   header = [c.strip() for c in lines[0].strip("|").split("|")]
   out = []
   for line in lines[1:]:
