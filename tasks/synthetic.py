@@ -13,7 +13,9 @@ Generator (see also ``docs/synthetic_benchmark.md``):
   used.
 * A *task* applies ``min_depth``..``max_depth`` distinct primitives in order. Its input carries no
   hint of the task: the task reaches the model only through its task id, so routing has to pick the
-  skills.
+  skills. In the *described* variant (``SyntheticConfig.described``) every composed task's input
+  starts with its composition, ``"reverse, shift: abc"``, as a T0 prompt names its task; only there
+  can a model that never saw a held-out task's data (zero-shot) know what to compute.
 * Training tasks and held-out tasks are disjoint sets of compositions. Every primitive of a held-out
   task occurs in some training task, but the held-out composition (as a function, not only as a
   sequence of names) never does: all tasks are checked to compute different functions on a fixed set
@@ -28,7 +30,8 @@ Generator (see also ``docs/synthetic_benchmark.md``):
 Registered (for the default `SyntheticConfig`, at import): ``synthetic_compose_NNN_v1`` (training
 compositions; splits train / validation), ``synthetic_heldout_NNN_v1`` (train / validation / test),
 ``synthetic_primitive_<name>_v1`` (train / validation), and the mixtures ``synthetic_pretrain``,
-``synthetic_heldout`` and ``synthetic_primitives``. Metric: exact match of the generated string.
+``synthetic_heldout`` and ``synthetic_primitives``; the described variant of the same tasks under the
+prefix ``synthetic_described``. Metric: exact match of the generated string.
 """
 
 from __future__ import annotations
@@ -116,6 +119,8 @@ class SyntheticConfig:
     max_length: longest input string (targets are at most ``max_length + max_depth`` bytes).
     n_probes: probe inputs used to check that all tasks compute different functions.
     seed: everything (task choice, examples) is a function of this seed and the other knobs.
+    described: composed tasks' inputs start with their composition (``describe``); the tasks and
+      strings are those of the same configuration without it.
   """
 
   n_primitives: int = 10
@@ -134,6 +139,7 @@ class SyntheticConfig:
   max_length: int = 8
   n_probes: int = 256
   seed: int = 0
+  described: bool = False
 
   def __post_init__(self):
     if not 2 <= self.n_primitives <= len(PRIMITIVES):
@@ -150,6 +156,11 @@ class SyntheticConfig:
   @property
   def primitive_names(self) -> tuple[str, ...]:
     return tuple(PRIMITIVES)[: self.n_primitives]
+
+
+def describe(composition: Sequence[str]) -> str:
+  """The textual description of a task that prefixes its inputs: ``"reverse, shift"``."""
+  return ", ".join(composition)
 
 
 def apply(composition: Sequence[str], s: str, alphabet: str) -> str:
@@ -216,8 +227,8 @@ class Benchmark:
       start += size
     inputs = pool[start : start + sizes[split]]
     targets = [apply(composition, s, c.alphabet) for s in inputs]
-    if kind == "primitive":
-      inputs = [f"{composition[0]}: {s}" for s in inputs]
+    if kind == "primitive" or c.described:
+      inputs = [f"{describe(composition)}: {s}" for s in inputs]
     return {"inputs": inputs, "targets": targets}
 
 
@@ -344,3 +355,4 @@ def register_synthetic(config: SyntheticConfig = SyntheticConfig(), prefix: str 
 
 
 register_synthetic()
+register_synthetic(SyntheticConfig(described=True), prefix="synthetic_described")
