@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mhr_jax import trainer
+from mhr_jax import analysis, trainer
 from mhr_jax.experiments import pipeline, synthetic
 from tasks import synthetic as tasks_synthetic
 
@@ -99,6 +99,21 @@ def test_every_stage_of_the_job_runs_at_tiny_sizes(tmp_path):
   stage = json.loads((workdir / "pretrain_mhr" / "stage.json").read_text())
   assert stage["seed"] == 0 and stage["needs"]["backbone"] == str(workdir / "backbone")
   assert (workdir / "table.md").read_text().startswith("| method |")
+  # The analysis command on the MHR pre-training (two kept checkpoints) and beside LoRA's; it
+  # reads the runs' tasks, registered here as in the subprocess.
+  SETTINGS.register()
+  assert analysis.main([str(workdir / "pretrain_mhr"), str(workdir / "pretrain_lora"),
+                        "--compare", str(tmp_path / "plots")]) == 0
+  written = {p.name for p in (workdir / "pretrain_mhr" / "analysis").iterdir()}
+  assert {"learning_curve.png", "routing_heatmaps.png", "task_similarity.png",
+          "gradient_alignment.png", "routing_entropy.png", "over_training.jsonl"} <= written
+  rows = [json.loads(x) for x in
+          (workdir / "pretrain_mhr" / "analysis" / "over_training.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2]
+  assert all(-1 <= r["gradient_alignment"] <= 1 and 0 <= r["routing_entropy"] <= 1 for r in rows)
+  for png in (tmp_path / "plots").glob("*.png"):
+    assert png.stat().st_size > 2000
+  assert (tmp_path / "plots" / "gradient_alignment.png").exists()
   # Finished stages are reused: the same call in this process runs nothing.
   again = synthetic.synthetic_benchmark(
       settings=SETTINGS, model_config=trainer.ModelConfig(size="tiny", overrides=OVERRIDES),
