@@ -116,32 +116,22 @@ def test_exact_match():
 
 
 def test_default_examples_fit_the_default_job_lengths():
-  """experiments.synthetic_benchmark uses inputs 28 / targets 12 (EOS included): nothing truncated."""
-  bench = synthetic.build(DEFAULT)
-  kinds = {"compose": len(bench.train), "heldout": len(bench.heldout),
-           "primitive": DEFAULT.n_primitives}
-  longest_in = longest_out = 0
-  for kind, n in kinds.items():
-    splits = ("train", "validation", "test") if kind == "heldout" else ("train", "validation")
-    for i in range(n):
-      for split in splits:
-        ex = bench.examples(kind, i, split)
-        longest_in = max(longest_in, max(len(s.encode()) for s in ex["inputs"]))
-        longest_out = max(longest_out, max(len(s.encode()) for s in ex["targets"]))
-  assert longest_in + 1 <= 28 and longest_out + 1 <= 12, (longest_in, longest_out)
+  """The default job's lengths (EOS included) hold every example, described ones too."""
+  from mhr_jax.experiments.synthetic import SyntheticSettings
 
-
-def test_described_variant_names_the_composition_and_keeps_the_tasks():
-  described = dataclasses.replace(DEFAULT, described=True)
-  bench, other = synthetic.build(DEFAULT), synthetic.build(described)
-  assert other.train == bench.train and other.heldout == bench.heldout
-  plain = bench.examples("heldout", 2, "test")
-  ex = other.examples("heldout", 2, "test")
-  comp = bench.heldout[2]
-  assert ex["targets"] == plain["targets"]
-  assert ex["inputs"] == [f"{', '.join(comp)}: {s}" for s in plain["inputs"]]
-  names = synthetic.register_synthetic(described, prefix="synthetic_described")
-  assert names["synthetic_described_heldout_002_v1"] == comp
-  task = seqio.get_mixture_or_task("synthetic_described_compose_000_v1")
-  row = next(task.get_dataset(None, split="train", shuffle=False).as_numpy_iterator())
-  assert row["inputs_pretokenized"].decode().startswith(synthetic.describe(bench.train[0]) + ": ")
+  settings = SyntheticSettings()
+  for described, inputs_length in ((False, settings.inputs_length),
+                                   (True, settings.described_inputs_length)):
+    bench = synthetic.build(dataclasses.replace(settings.task_config, described=described))
+    kinds = {"compose": len(bench.train), "heldout": len(bench.heldout),
+             "primitive": bench.config.n_primitives}
+    longest_in = longest_out = 0
+    for kind, n in kinds.items():
+      splits = ("train", "validation", "test") if kind == "heldout" else ("train", "validation")
+      for i in range(n):
+        for split in splits:
+          ex = bench.examples(kind, i, split)
+          longest_in = max(longest_in, max(len(s.encode()) for s in ex["inputs"]))
+          longest_out = max(longest_out, max(len(s.encode()) for s in ex["targets"]))
+    assert longest_in + 1 <= inputs_length, (described, longest_in)
+    assert longest_out + 1 <= settings.targets_length, longest_out

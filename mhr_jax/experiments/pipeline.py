@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import time
 from typing import Mapping, Optional, Sequence
 
 from mhr_jax import adapters, optimizers, trainer
@@ -200,7 +201,10 @@ def describe_stage(stage: Stage, stages: Mapping[str, Stage], ctx: Context) -> d
 
 
 def run_stage(stage: Stage, stages: Mapping[str, Stage], ctx: Context) -> dict:
-  """Runs ``stage`` unless its results file exists; returns its results."""
+  """Runs ``stage`` unless its results file exists; returns its results.
+
+  ``stage.json`` records the stage and, once it has run, its wall and CPU seconds.
+  """
   out = results_path(stage, stages, ctx)
   if out.exists():
     return json.loads(out.read_text())
@@ -208,10 +212,28 @@ def run_stage(stage: Stage, stages: Mapping[str, Stage], ctx: Context) -> dict:
   kwargs = run_kwargs(stage, stages, ctx)
   directory = pathlib.Path(kwargs["model_dir"])
   directory.mkdir(parents=True, exist_ok=True)
-  suffix = "_eval" if stage.kind == "eval" else ""
-  (directory / f"stage{suffix}.json").write_text(
-      json.dumps(describe_stage(stage, stages, ctx), indent=1))
-  return trainer.run(**kwargs)
+  record = directory / ("stage_eval.json" if stage.kind == "eval" else "stage.json")
+  described = describe_stage(stage, stages, ctx)
+  record.write_text(json.dumps(described, indent=1))
+  t0, cpu0 = time.perf_counter(), time.process_time()
+  results = trainer.run(**kwargs)
+  described.update(wall_seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - cpu0)
+  record.write_text(json.dumps(described, indent=1))
+  return results
+
+
+def stage_seconds(stages: Sequence[Stage], names: Sequence[str], ctx: Context) -> dict:
+  """``{stage: {"wall_seconds": .., "cpu_seconds": ..}}`` of the named stages that have run."""
+  by_name = check_graph(stages)
+  out = {}
+  for name in names:
+    stage = by_name[name]
+    path = stage_dir(stage, by_name, ctx) / ("stage_eval.json" if stage.kind == "eval"
+                                               else "stage.json")
+    record = json.loads(path.read_text()) if path.exists() else {}
+    if "wall_seconds" in record:
+      out[name] = {k: record[k] for k in ("wall_seconds", "cpu_seconds")}
+  return out
 
 
 def run_pipeline(stages: Sequence[Stage], targets: Sequence[str], ctx: Context) -> dict[str, dict]:
