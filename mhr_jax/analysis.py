@@ -21,8 +21,8 @@ For each run directory it writes into ``RUN_DIR/analysis/``:
 It reads the run's checkpoints (``checkpoints.CheckpointManager``), its ``metrics.jsonl``, and
 the ``stage.json`` an experiment pipeline writes (mixture and lengths); without one, give
 ``--feature_lengths``. The run's training tasks must be registered in this process, as the
-default synthetic ones are at import. ``--compare`` draws the runs' learning curves, alignment and entropy in one
-figure each.
+default synthetic ones are at import. ``--compare`` draws the runs' learning curves, alignment and
+entropy in one figure each.
 """
 
 from __future__ import annotations

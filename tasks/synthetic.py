@@ -30,8 +30,8 @@ Generator (see also ``docs/synthetic_benchmark.md``):
 Registered (for the default `SyntheticConfig`, at import): ``synthetic_compose_NNN_v1`` (training
 compositions; splits train / validation), ``synthetic_heldout_NNN_v1`` (train / validation / test),
 ``synthetic_primitive_<name>_v1`` (train / validation), and the mixtures ``synthetic_pretrain``,
-``synthetic_heldout`` and ``synthetic_primitives``; the described variant of the same tasks under the
-prefix ``synthetic_described``. Metric: exact match of the generated string.
+``synthetic_heldout`` and ``synthetic_primitives``; the described variant of the same tasks under
+the prefix ``synthetic_described``. Metric: exact match of the generated string.
 """
 
 from __future__ import annotations

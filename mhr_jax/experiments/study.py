@@ -145,7 +145,8 @@ def synthetic_study(
   from mhr_jax.experiments import study_report
 
   (work / "study.json").write_text(json.dumps(summary, indent=1, default=str))
-  (work / "study.md").write_text(study_report.markdown(summary, plots_dir=work / "plots", base=work))
+  page = study_report.markdown(summary, plots_dir=work / "plots", base=work)
+  (work / "study.md").write_text(page)
   if results_doc:
     doc = pathlib.Path(results_doc)
     plots = doc.parent / f"{doc.stem}_plots"

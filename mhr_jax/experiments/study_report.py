@@ -29,7 +29,8 @@ def _methods_table(summary: dict) -> list[str]:
 
 def _paired_table(summary: dict) -> list[str]:
   lines = ["| a - b | mean difference (points) | 95% interval | pairs (a better / same / "
-           "worse) | per-seed mean differences | the paper | here |", "|---|---|---|---|---|---|---|"]
+           "worse) | per-seed mean differences | the paper | here |",
+           "|---|---|---|---|---|---|---|"]
   for d in summary["paired"]:
     per_seed = ", ".join(f"{v:+.1f}" for v in d["per_seed"].values())
     lines.append(
