@@ -157,13 +157,13 @@ def load_model(run_dir: pathlib.Path, step: int) -> tuple[network.T5, dict]:
     model = network.T5(model_cfg.t5_config(), rngs=nnx.Rngs(params=0, dropout=1, routing=2),
                        adapter_factory=factory)
     if model_cfg.backbone_run:
-      checkpoints.restore_into(model, model_cfg.backbone_run, trainer.BACKBONE)
+      checkpoints.restore_into(model, model_cfg.backbone_run, adapters.BACKBONE)
     elif model_cfg.hf_checkpoint:
       from mhr_jax import hf_import
 
       tensors = hf_import.read_safetensors_dir(model_cfg.hf_checkpoint)
       hf_import.assign_backbone(model, hf_import.hf_to_params(model.config, tensors))
-    state = nnx.state(model, trainer.trainable_filter(meta["mode"]))
+    state = nnx.state(model, adapters.trainable_filter(meta["mode"]))
     new, report = manager.restore_partial(step, state)
   finally:
     manager.close()

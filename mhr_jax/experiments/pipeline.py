@@ -16,7 +16,7 @@ import pathlib
 import time
 from typing import Mapping, Optional, Sequence
 
-from mhr_jax import adapters, optimizers, trainer
+from mhr_jax import adapters, modes, optimizers, trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Stage:
 
   Attributes:
     name: the stage's directory name, unique in its pipeline.
-    kind: the run kind (``trainer.RUN_KINDS``).
+    kind: the run kind (``modes.RUN_KINDS``).
     mode: adapter mode; None trains the whole backbone (``full``).
     mixture: the seqio task or mixture trained on (for ``eval``: the run's own mixture).
     feature_lengths: ``{"inputs": Li, "targets": Lt}``.
@@ -68,8 +68,8 @@ class Stage:
   method: Optional[str] = None
 
   def __post_init__(self):
-    if self.kind not in trainer.RUN_KINDS:
-      raise ValueError(f"stage {self.name!r}: kind must be one of {trainer.RUN_KINDS}, "
+    if self.kind not in modes.RUN_KINDS:
+      raise ValueError(f"stage {self.name!r}: kind must be one of {list(modes.RUN_KINDS)}, "
                        f"got {self.kind!r}")
     if (self.kind == "eval") != (self.evaluates is not None):
       raise ValueError(f"stage {self.name!r}: an 'eval' stage names the stage it evaluates "
