@@ -131,12 +131,12 @@ class SyntheticConfig:
   train_examples: int = 1000
   validation_examples: int = 64
   primitive_examples: int = 2000
-  n_shots: int = 16
+  n_shots: int = 64
   heldout_validation: int = 32
-  heldout_test: int = 128
+  heldout_test: int = 256
   alphabet_size: int = 10
-  min_length: int = 4
-  max_length: int = 8
+  min_length: int = 3
+  max_length: int = 5
   n_probes: int = 256
   seed: int = 0
   described: bool = False
@@ -156,6 +156,20 @@ class SyntheticConfig:
   @property
   def primitive_names(self) -> tuple[str, ...]:
     return tuple(PRIMITIVES)[: self.n_primitives]
+
+  def longest(self) -> dict[str, int]:
+    """Upper bounds on the examples' lengths in tokens (bytes), EOS included.
+
+    ``inputs``: primitive-skill inputs (``"<name>: <string>"``) and undescribed composed inputs;
+    ``described_inputs``: those and the described variant's (``"<name>, <name>: <string>"``);
+    ``targets``: every target (a primitive adds at most one character: ``append_first``).
+    Sequence lengths below these would truncate examples, and exact match with them.
+    """
+    names = sorted((len(n) for n in self.primitive_names), reverse=True)
+    prefix = max(names[0] + 2, sum(names[: self.max_depth]) + 2 * self.max_depth)
+    inputs = names[0] + 2 + self.max_length + 1
+    return {"inputs": inputs, "described_inputs": max(inputs, prefix + self.max_length + 1),
+            "targets": self.max_length + self.max_depth + 1}
 
 
 def describe(composition: Sequence[str]) -> str:

@@ -135,3 +135,9 @@ def test_default_examples_fit_the_default_job_lengths():
           longest_out = max(longest_out, max(len(s.encode()) for s in ex["targets"]))
     assert longest_in + 1 <= inputs_length, (described, longest_in)
     assert longest_out + 1 <= settings.targets_length, longest_out
+    # SyntheticConfig.longest bounds what the examples hold (EOS included).
+    bound = settings.task_config.longest()
+    assert longest_in + 1 <= bound["described_inputs" if described else "inputs"]
+    assert longest_out + 1 <= bound["targets"]
+  with pytest.raises(ValueError, match="inputs_length = 20 < 22.*truncated"):
+    SyntheticSettings(inputs_length=20)

@@ -80,8 +80,9 @@ def test_vmapped_finetuning_equals_separate_runs(poly_run, tmp_path):
          init_from=str(poly_run))
     single = _params(tmp_path / f"single_{i}")
     # Batched and single programs sum in different orders; Adam's normalised update turns float32
-    # rounding into differences of ~1e-6 after 3 steps at lr 1e-2 (copies differ by ~1e-2).
-    _assert_same({k: v[i] for k, v in stacked.items()}, single, atol=5e-6)
+    # rounding into differences of ~1e-6 after 3 steps at lr 1e-2, up to ~1.5e-5 where a gradient
+    # element is near zero (copies differ by ~1e-2, checked below).
+    _assert_same({k: v[i] for k, v in stacked.items()}, single, atol=5e-5)
   # Copies really differ (each saw its own task).
   gaps = [np.abs(v[0] - v[1]).max() for v in stacked.values()]
   assert max(gaps) > 1e-3

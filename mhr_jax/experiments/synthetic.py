@@ -84,14 +84,14 @@ class SyntheticSettings:
 
   task_config: tasks_synthetic.SyntheticConfig = tasks_synthetic.SyntheticConfig()
   prefix: str = "synthetic"
-  inputs_length: int = 28
-  targets_length: int = 12
-  described_inputs_length: int = 40
+  inputs_length: int = 22
+  targets_length: int = 8
+  described_inputs_length: int = 36
   batch_size: int = 32
   finetune_batch_size: int = 16
   backbone_steps: int = 1500
   backbone_learning_rate: float = 1e-3
-  pretrain_steps: int = 600
+  pretrain_steps: int = 1000
   pretrain_learning_rate: float = 1.5e-2
   pretrain_snapshots: int = 5
   finetune_steps: int = 100
@@ -108,6 +108,13 @@ class SyntheticSettings:
   def __post_init__(self):
     if self.eval_split not in ("validation", "test"):
       raise ValueError(f"eval_split must be 'validation' or 'test', got {self.eval_split!r}")
+    longest = self.task_config.longest()
+    short = [f"{field} = {getattr(self, field)} < {longest[key]}" for field, key in (
+        ("inputs_length", "inputs"), ("described_inputs_length", "described_inputs"),
+        ("targets_length", "targets")) if getattr(self, field) < longest[key]]
+    if short:
+      raise ValueError(f"SyntheticSettings: {', '.join(short)}: the task configuration's longest "
+                       "examples would be truncated (and scored wrong)")
 
   @property
   def described_prefix(self) -> str:
