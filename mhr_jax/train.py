@@ -165,6 +165,29 @@ def failure_message(e: BaseException) -> Optional[str]:
   return "\n".join(lines).strip() or type(e).__name__
 
 
+def dry_run_counts() -> str:
+  """The parameter counts and state per device of the configured ``trainer.run``, from
+  ``jax.eval_shape`` (``aot.check_run`` without compiling): nothing is allocated, so a T5-XL
+  preset reports on a laptop. Routing rows are the mixture's tasks when it is registered, else
+  one (a fine-tuning run's row)."""
+  from mhr_jax import aot
+
+  try:
+    entry = gin.query_parameter("main_entry.entry")
+  except ValueError:
+    entry = None
+  if getattr(getattr(entry, "configurable", None), "name", None) != "run":
+    return "# parameter counts: the entry is not a single run (see each stage's own --dry_run)"
+  try:
+    args = aot.configured_run(None)
+    rows = "the mixture's tasks"
+  except errors.ConfigError:
+    args, rows = aot.configured_run(1), "1 (the mixture is not registered here)"
+  report = aot.check_run(args, compile_step=False)
+  lines = aot.format_report(report).splitlines()[:-1]  # without "(not compiled: state only)"
+  return "\n".join([f"# from eval_shape, routing rows: {rows}"] + [f"# {l}" for l in lines])
+
+
 @gin.configurable
 def main_entry(entry=gin.REQUIRED, dry_run: bool = False):
   """Runs ``entry`` (a gin-configured callable taking ``dry_run``)."""
@@ -205,6 +228,7 @@ def _run(args: argparse.Namespace) -> None:
   parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
   if args.dry_run:
     print(gin.config_str())
+    print(dry_run_counts())
   with sharding.exit_when_peers_are_lost(args.coordinator_address or "auto-detected"):
     main_entry(dry_run=args.dry_run)
 

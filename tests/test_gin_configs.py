@@ -4,6 +4,7 @@ whatever folders the working directory holds."""
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -91,6 +92,24 @@ def test_dry_run_entry_point_prints_operative_config():
   out = _dry_run(["experiments/synthetic.gin"])
   assert out.returncode == 0, out.stderr[-3000:]
   assert "synthetic_benchmark" in out.stdout
+
+
+def test_dry_run_of_a_run_prints_its_parameter_counts_without_training():
+  """A single run's --dry_run adds the parameter counts and state per device (eval_shape)."""
+  out = _dry_run(["runs/pretrain.gin", "models/t5_1_1_tiny.gin", "adapters/mhr_z.gin",
+                  "overlays/cpu_tiny.gin"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  counts = re.search(r"trainable_per_task ([\d,]+)", out.stdout)
+  routing = re.search(r"parameters: routing ([\d,]+)", out.stdout)
+  assert counts and routing, out.stdout[-2000:]
+  # MHR-z trains routing only: one task's row is the routing table over the mixture's tasks.
+  import seqio
+
+  import tasks.mixtures  # noqa: F401  (registers the synthetic mixture)
+
+  n_tasks = len(seqio.get_mixture_or_task("synthetic_pretrain").tasks)
+  per_task = int(counts.group(1).replace(",", ""))
+  assert per_task * n_tasks == int(routing.group(1).replace(",", ""))
 
 
 def test_tiny_training_from_a_crowded_working_directory(crowded_cwd):
