@@ -86,11 +86,11 @@ def isolated_registry(monkeypatch):
   gin.clear_config()
 
 
-def _parent(model_dir):
+def _parent(model_dir, overrides):
   """A 1-step MHR pre-training run with the preset's adapter structure on the tiny model."""
   return trainer.run(
       kind="pretrain", model_dir=str(model_dir),
-      model_config=trainer.ModelConfig(size="tiny", overrides={"vocab_size": 259}),
+      model_config=trainer.ModelConfig(size="tiny", overrides=overrides),
       adapter_config=adapters.AdapterConfig(mode="mhr", n_skills=8, n_splits=64, lora_rank=1,
                                              layers="t0"),
       optimizer_config=optimizers.OptimizerConfig(learning_rate=1e-2),
@@ -100,10 +100,17 @@ def _parent(model_dir):
 
 
 @pytest.mark.slow  # two runs and an evaluation: ~2-4 minutes on 2 shared cores
-def test_rte_fewshot_preset_trains_with_the_tfew_losses(tmp_path, isolated_registry):
-  data_dir = tmp_path / "t0"
-  _write_fixture(data_dir)
-  _parent(tmp_path / "parent")
+@pytest.mark.parametrize("source", ["fixture", "shared"])
+def test_rte_fewshot_preset_trains_with_the_tfew_losses(tmp_path, isolated_registry, source,
+                                                        request):
+  """On the fixture, and on the real RTE few-shot split and T5 vocabulary of ../shared/data
+  (cpu_tiny caps the evaluation at 16 examples per template)."""
+  if source == "fixture":
+    data_dir, overrides, n_eval = tmp_path / "t0", {"vocab_size": 259}, 4
+    _write_fixture(data_dir)
+  else:  # The tiny model's default vocabulary is T5's 32128 ids.
+    data_dir, overrides, n_eval = request.getfixturevalue("shared_data"), {}, 16
+  _parent(tmp_path / "parent", overrides)
   run_dir = tmp_path / "rte"
   train.parse_gin(
       ["experiments/t0_fewshot/rte.gin", "overlays/cpu_tiny.gin"],
@@ -129,8 +136,12 @@ def test_rte_fewshot_preset_trains_with_the_tfew_losses(tmp_path, isolated_regis
   table = json.loads((run_dir / "task_ids.json").read_text())["tasks"]
   assert max(table, key=table.get) == "t0_rte_fewshot"
   templates = [t.name for t in seqio.get_mixture_or_task("t0_rte_fewshot_eval").tasks]
-  assert len(templates) == 2 and sorted(results["eval"]) == sorted(templates)
-  assert all(r["n_examples"] == 4 for r in results["eval"].values())
+  assert len(templates) >= 2 and sorted(results["eval"]) == sorted(templates + ["t0_rte"])
+  assert all(results["eval"][t]["n_examples"] == n_eval for t in templates)
+  # The dataset as a whole, under the paper's protocols (mhr_jax.protocol).
+  rte = results["eval"]["t0_rte"]
+  assert rte["n_templates"] == len(templates) and rte["n_examples"] == n_eval
+  assert 0.0 <= rte["accuracy_random_template"] <= 100.0
   # The written operative config holds the preset's registration bindings and the loss.
   written = (run_dir / "config.gin").read_text()
   assert "register_t0.shots = 32" in written and "register_t0.datasets = ['rte']" in written
