@@ -10,7 +10,7 @@ import pytest
 import seqio
 from flax import nnx
 
-from mhr_jax import choices, data, models, network
+from mhr_jax import choices, data, models, network, run_state, trainer
 
 # One compiled program per configuration: op-by-op dispatch is slower on CPU.
 tfew_losses = jax.jit(models.tfew_losses, static_argnums=4,
@@ -108,18 +108,24 @@ def test_authors_unlikelihood_differs_by_a_constant():
                                                     rel=1e-5)
 
 
+def _choice_batch(seed, n_choices, is_correct):
+  """A multiple-choice batch of random tokens (vocabulary 32): 2 examples of 6 input tokens,
+  each repeated once per choice, and one 4-token target (ending with EOS) per row."""
+  rng = np.random.default_rng(seed)
+  inputs = np.repeat(rng.integers(2, 32, size=(2, 6)), n_choices, axis=0)  # [B, Li] -> [B*C, Li]
+  targets = rng.integers(2, 32, size=(2 * n_choices, 4))
+  targets[:, 3] = 1
+  return {"encoder_input_tokens": jnp.asarray(inputs, jnp.int32),
+          "decoder_target_tokens": jnp.asarray(targets, jnp.int32),
+          "decoder_input_tokens": models.shift_right(jnp.asarray(targets, jnp.int32)),
+          "is_correct": jnp.array(is_correct)}
+
+
 def test_loss_fn_encodes_once_per_example():
   cfg = network.preset("tiny", vocab_size=32, dropout_rate=0.0, num_layers=1)
   model = network.T5(cfg, rngs=nnx.Rngs(0))
-  rng = np.random.default_rng(2)
   n_choices = 3
-  inputs = np.repeat(rng.integers(2, 32, size=(2, 6)), n_choices, axis=0)  # [B, Li] -> [B*C, Li]
-  targets = rng.integers(2, 32, size=(6, 4))
-  targets[:, 3] = 1
-  batch = {"encoder_input_tokens": jnp.asarray(inputs, jnp.int32),
-           "decoder_target_tokens": jnp.asarray(targets, jnp.int32),
-           "decoder_input_tokens": models.shift_right(jnp.asarray(targets, jnp.int32)),
-           "is_correct": jnp.array([0, 1, 0, 0, 0, 1])}
+  batch = _choice_batch(2, n_choices, [0, 1, 0, 0, 0, 1])
 
   @nnx.jit
   def both(model, batch):  # one compiled program: op-by-op dispatch is slower on CPU
@@ -131,6 +137,28 @@ def test_loss_fn_encodes_once_per_example():
 
   got, want = both(model, batch)
   assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_train_config_loss_selects_the_step_loss():
+  """``TrainConfig.loss`` picks the loss the step minimises: "tfew" gives the T-Few sum with the
+  configured weights on a multiple-choice batch, "lm" the token cross-entropy (which differs)."""
+  cfg = network.preset("tiny", vocab_size=32, dropout_rate=0.0, num_layers=1)
+  model = network.T5(cfg, rngs=nnx.Rngs(0))
+  n_choices = 2
+  batch = _choice_batch(3, n_choices, [1, 0, 0, 1])
+  tfew = run_state._loss(trainer.TrainConfig(loss="tfew", mc_loss=0.5, unlikely_loss=2.0),
+                         n_choices)
+  lm = run_state._loss(trainer.TrainConfig())
+
+  @nnx.jit
+  def losses(model, batch):  # one compiled program: op-by-op dispatch is slower on CPU
+    return tfew(model, batch), lm(model, batch)
+
+  (got, metrics), (lm_loss, _) = losses(model, batch)
+  want = metrics["lm_loss"] + 0.5 * metrics["mc_loss"] + 2.0 * metrics["unlikely_loss"]
+  assert float(got) == pytest.approx(float(want), rel=1e-6)
+  assert float(metrics["mc_loss"]) > 0.1
+  assert abs(float(got) - float(lm_loss)) > 0.1
 
 
 def test_multiple_choice_rows_layout():

@@ -11,13 +11,10 @@ import json
 import math
 
 import gin
-import jax.numpy as jnp
-import numpy as np
 import pytest
 import seqio
-from flax import nnx
 
-from mhr_jax import adapters, errors, models, network, optimizers, run_state, train, trainer
+from mhr_jax import adapters, errors, optimizers, train, trainer
 from tasks import t0
 
 TEMPLATES = """dataset: super_glue
@@ -160,35 +157,6 @@ def test_tfew_loss_needs_choice_examples_and_no_label_smoothing(tmp_path):
         adapter_config=adapters.AdapterConfig(mode="poly", n_skills=2, lora_rank=1),
         data_config=trainer.DataConfig(mixture="synthetic_pretrain", batch_size=8),
         train_config=trainer.TrainConfig(steps=1, loss="tfew"))
-
-
-def test_train_config_loss_selects_the_step_loss():
-  """``TrainConfig.loss`` picks the loss the step minimises: "tfew" gives the T-Few sum with the
-  configured weights on a multiple-choice batch, "lm" the token cross-entropy (which differs)."""
-  cfg = network.preset("tiny", vocab_size=32, dropout_rate=0.0, num_layers=1)
-  model = network.T5(cfg, rngs=nnx.Rngs(0))
-  rng = np.random.default_rng(3)
-  n_choices = 2
-  inputs = np.repeat(rng.integers(2, 32, size=(2, 6)), n_choices, axis=0)  # [B, Li] -> [B*C, Li]
-  targets = rng.integers(2, 32, size=(4, 4))
-  targets[:, 3] = 1
-  batch = {"encoder_input_tokens": jnp.asarray(inputs, jnp.int32),
-           "decoder_target_tokens": jnp.asarray(targets, jnp.int32),
-           "decoder_input_tokens": models.shift_right(jnp.asarray(targets, jnp.int32)),
-           "is_correct": jnp.array([1, 0, 0, 1])}
-  tfew = run_state._loss(trainer.TrainConfig(loss="tfew", mc_loss=0.5, unlikely_loss=2.0),
-                         n_choices)
-  lm = run_state._loss(trainer.TrainConfig())
-
-  @nnx.jit
-  def losses(model, batch):  # one compiled program: op-by-op dispatch is slower on CPU
-    return tfew(model, batch), lm(model, batch)
-
-  (got, metrics), (lm_loss, _) = losses(model, batch)
-  want = metrics["lm_loss"] + 0.5 * metrics["mc_loss"] + 2.0 * metrics["unlikely_loss"]
-  assert float(got) == pytest.approx(float(want), rel=1e-6)
-  assert float(metrics["mc_loss"]) > 0.1
-  assert abs(float(got) - float(lm_loss)) > 0.1
 
 
 def test_template_evaluation_tasks_carry_the_fewshot_routing_name(tmp_path, isolated_registry):
