@@ -184,8 +184,8 @@ def dry_run_counts() -> str:
   except errors.ConfigError:
     args, rows = aot.configured_run(1), "1 (the mixture is not registered here)"
   report = aot.check_run(args, compile_step=False)
-  lines = aot.format_report(report).splitlines()[:-1]  # without "(not compiled: state only)"
-  return "\n".join([f"# from eval_shape, routing rows: {rows}"] + [f"# {l}" for l in lines])
+  lines = [f"from eval_shape, routing rows: {rows}", *aot.format_report(report).splitlines()]
+  return "\n".join(f"# {line}" for line in lines)
 
 
 @gin.configurable
