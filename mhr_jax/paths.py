@@ -28,6 +28,14 @@ def run_dir(path: epath.PathLike) -> epath.Path:
   return epath.Path(path) if is_remote(path) else epath.Path(os.path.abspath(os.fspath(path)))
 
 
+def find(root: epath.Path, name: str) -> list[epath.Path]:
+  """Every file called ``name`` under ``root`` (a local folder or a bucket prefix), sorted.
+
+  Walks the tree (``epath`` refuses recursive ``**`` globs on object stores).
+  """
+  return sorted(epath.Path(folder) / name for folder, _, files in root.walk() if name in files)
+
+
 class AppendedFile:
   """A text file grown by ``write``: appended to locally, rewritten whole on an object store.
 

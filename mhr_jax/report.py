@@ -28,12 +28,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import pathlib
 import sys
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
+from etils import epath
 
+from mhr_jax import paths as run_paths
 from mhr_jax import protocol
 
 RUN_FILE = "run.json"
@@ -54,7 +55,7 @@ class ReportError(ValueError):
 class Run:
   """One run's contribution: ``scores`` maps dataset (T0) or test task (Super-NI) to its score."""
 
-  path: pathlib.Path
+  path: epath.Path
   benchmark: str
   method: str
   seed: int
@@ -65,7 +66,7 @@ class Run:
 # ------------------------------------------------------------------------------ reading runs
 
 
-def read_gin(path: pathlib.Path) -> dict[str, Any]:
+def read_gin(path: epath.Path) -> dict[str, Any]:
   """The bindings of an operative config (``config.gin``), macros resolved.
 
   Keys are ``"Configurable.param"`` (macros under their own name); configurable references stay
@@ -105,7 +106,7 @@ class _Macro:
   name: str
 
 
-def _read_json(path: pathlib.Path) -> dict:
+def _read_json(path: epath.Path) -> dict:
   try:
     return json.loads(path.read_text())
   except json.JSONDecodeError as e:
@@ -142,7 +143,7 @@ def _t0_datasets(candidates: Iterable[str], eval_results: dict) -> dict[str, lis
   return out
 
 
-def _declaration(run_dir: pathlib.Path, results: dict, gin: dict) -> dict:
+def _declaration(run_dir: epath.Path, results: dict, gin: dict) -> dict:
   """What a run is (benchmark, method, seed, datasets): run.json, else results.json + config.gin."""
   path = run_dir / RUN_FILE
   if path.is_file():
@@ -169,7 +170,7 @@ def _declaration(run_dir: pathlib.Path, results: dict, gin: dict) -> dict:
   return {**declared, "benchmark": T0, "datasets": datasets}
 
 
-def _t0_scores(run_dir: pathlib.Path, declared: dict, results: dict,
+def _t0_scores(run_dir: epath.Path, declared: dict, results: dict,
                metric: str) -> dict[str, Optional[float]]:
   """Each dataset's score under ``metric``; None where the run has none."""
   eval_results = results.get("eval", {})
@@ -190,7 +191,7 @@ def _t0_scores(run_dir: pathlib.Path, declared: dict, results: dict,
   return scores
 
 
-def read_run(run_dir: pathlib.Path, metric: str) -> Optional[Run]:
+def read_run(run_dir: epath.Path, metric: str) -> Optional[Run]:
   """One run directory as a `Run`; ``scores`` values are None where ``metric`` is absent.
 
   A run that evaluated nothing (a pre-training run next to a sweep) gives None.
@@ -218,13 +219,16 @@ def read_run(run_dir: pathlib.Path, metric: str) -> Optional[Run]:
              tuple(sorted(proto.items())))
 
 
-def collect(paths: Sequence[str | pathlib.Path]) -> tuple[list[pathlib.Path], list[str]]:
-  """(run directories under ``paths``, planned runs of sweep folders that have no results)."""
+def collect(paths: Sequence[str | epath.Path]) -> tuple[list[epath.Path], list[str]]:
+  """(run directories under ``paths``, planned runs of sweep folders that have no results).
+
+  ``paths`` are local folders or bucket prefixes (``gs://...``), read through ``etils.epath``.
+  """
   found, missing = [], []
-  for root in map(pathlib.Path, paths):
+  for root in map(run_paths.run_dir, paths):
     if not root.is_dir():
       raise ReportError(f"{root}: not a directory")
-    for sweep_file in sorted(root.rglob(SWEEP_FILE)):
+    for sweep_file in run_paths.find(root, SWEEP_FILE):
       plan = _read_json(sweep_file)
       for planned in plan.get("runs", []):
         run_dir = sweep_file.parent / planned["dir"]
@@ -232,8 +236,8 @@ def collect(paths: Sequence[str | pathlib.Path]) -> tuple[list[pathlib.Path], li
           missing.append(f"{run_dir} ({planned['method']}, {planned['dataset']}, "
                          f"seed {planned['seed']})")
     # A run's own folders (checkpoints, tensorboard) hold no results.json of their own.
-    found.extend(p.parent for p in sorted(root.rglob(RESULTS_FILE)))
-  return list(dict.fromkeys(p.absolute() for p in found)), missing
+    found.extend(p.parent for p in run_paths.find(root, RESULTS_FILE))
+  return list(dict.fromkeys(found)), missing
 
 
 # ------------------------------------------------------------------------------ checks and tables
@@ -365,7 +369,7 @@ def format_markdown(tables: dict) -> str:
   return "\n".join(out)
 
 
-def report(paths: Sequence[str | pathlib.Path], metric: str = "random_template") -> dict:
+def report(paths: Sequence[str | epath.Path], metric: str = "random_template") -> dict:
   """Reads, checks and aggregates the runs under ``paths``; raises `ReportError` when refused."""
   if metric not in METRICS:
     raise ReportError(f"--metric must be one of {sorted(METRICS)}; got {metric!r}")
@@ -394,9 +398,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   text = format_markdown(tables)
   print(text)
   if args.markdown:
-    pathlib.Path(args.markdown).write_text(text)
+    epath.Path(args.markdown).write_text(text)
   if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(tables, indent=1))
+    epath.Path(args.json).write_text(json.dumps(tables, indent=1))
   return 0
 
 

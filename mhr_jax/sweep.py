@@ -13,7 +13,8 @@ Flags: ``--init_from`` (the pre-training run), ``--methods`` (adapter modes fine
 ``projects/mhr/pl_finetune.py``, microsoft/mttl at ``mhr-camera-ready``), ``--shots`` (the
 ``<k>_shot`` folder; default the only one), ``--t0_data_dir`` (default ``$MHR_DATA_DIR``),
 ``--out``, ``--dry_run`` (print the plan); and as in ``mhr_jax.train``: ``--gin_file``
-(repeatable), ``--gin_search_path``, ``--gin.NAME=VALUE``.
+(repeatable), ``--gin_search_path``, ``--gin.NAME=VALUE``. ``--out`` and ``--init_from`` may be
+bucket paths (``gs://...``); the few-shot data folder is local.
 
 Each run gets the gin files and bindings, then its own: ``MODEL_DIR``, ``MIXTURE``, ``EVAL_TASKS``,
 ``INIT_FROM``, ``SEED`` (the run's seed is its few-shot seed, as in the authors' code), the method
@@ -40,7 +41,9 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-from mhr_jax import modes
+from etils import epath
+
+from mhr_jax import modes, paths
 
 SWEEP_FILE = "sweep.json"
 RUN_FILE = "run.json"
@@ -96,7 +99,7 @@ def check_request(config: dict, datasets: Sequence[str], seeds: Sequence[int],
   missing = [f for f in missing if not pathlib.Path(f).is_file()]
   if missing:
     problems.append(f"few-shot files not found: {', '.join(missing)}")
-  parent_results = pathlib.Path(config["init_from"]) / RESULTS_FILE
+  parent_results = paths.run_dir(config["init_from"]) / RESULTS_FILE
   if not parent_results.is_file():
     problems.append(f"--init_from {config['init_from']} has no {RESULTS_FILE}: its training "
                     "has not finished")
@@ -111,7 +114,7 @@ def check_request(config: dict, datasets: Sequence[str], seeds: Sequence[int],
     raise ValueError("sweep refused:\n- " + "\n- ".join(problems))
 
 
-def merge_plan(out: pathlib.Path, config: dict, runs: list[dict]) -> dict:
+def merge_plan(out: epath.Path, config: dict, runs: list[dict]) -> dict:
   """The content of ``sweep.json``: the configuration and every run planned, earlier
   invocations' too. A folder holds one configuration: another one (gin files, bindings, parent,
   data) fails."""
@@ -128,7 +131,7 @@ def merge_plan(out: pathlib.Path, config: dict, runs: list[dict]) -> dict:
   return {"format": "mhr_jax.sweep/v1", "config": config, "runs": runs}
 
 
-def pending(out: pathlib.Path, plan: dict, seed: Optional[int] = None) -> list[dict]:
+def pending(out: epath.Path, plan: dict, seed: Optional[int] = None) -> list[dict]:
   """The planned runs without results (of one seed, if given)."""
   return [r for r in plan["runs"] if (seed is None or r["seed"] == seed)
           and not (out / r["dir"] / RESULTS_FILE).is_file()]
@@ -141,7 +144,7 @@ def _binding(name: str, value) -> str:
   return f"{name}={value!r}"
 
 
-def run_bindings(config: dict, run: dict, parent_adapter: Optional[dict], out: pathlib.Path,
+def run_bindings(config: dict, run: dict, parent_adapter: Optional[dict], out: epath.Path,
                  mixture: str, eval_tasks: list[str]) -> list[str]:
   """The gin bindings that make the sweep's configuration into one run."""
   bindings = [
@@ -156,7 +159,7 @@ def run_bindings(config: dict, run: dict, parent_adapter: Optional[dict], out: p
   return bindings
 
 
-def worker(out: pathlib.Path, seed: int) -> None:
+def worker(out: epath.Path, seed: int) -> None:
   """Runs the unfinished runs of one few-shot seed, in this process, one after another."""
   import gin
 
@@ -225,13 +228,13 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_flags(sys.argv[1:] if argv is None else argv)
-  out = pathlib.Path(args.out).absolute()
+  out = paths.run_dir(args.out)
   if args.worker_seed is not None:
     worker(out, args.worker_seed)
     return 0
   from mhr_jax import train
 
-  config = {"init_from": str(pathlib.Path(args.init_from).absolute()),
+  config = {"init_from": str(paths.run_dir(args.init_from)),
             "t0_data_dir": str(pathlib.Path(args.t0_data_dir).absolute()), "shots": args.shots,
             "gin_files": [train.resolve_gin_file(f, args.gin_search_paths) for f in args.gin_files],
             "gin_search_paths": [str(pathlib.Path(p).absolute()) for p in args.gin_search_paths],

@@ -7,6 +7,7 @@ otherwise name TensorStore's ``gcs`` driver). Everything else runs orbax's Cloud
 steps written in place and committed by their marker file, no rename.
 """
 
+import json
 import os
 import pathlib
 
@@ -16,7 +17,8 @@ from etils import epath
 from etils.epath import gpath as epath_gpath
 from etils.epath import testing as epath_testing
 
-from mhr_jax import adapters, checkpoint_integrity, checkpoints, paths, trainer
+from mhr_jax import adapters, checkpoint_integrity, checkpoints, paths, report, sweep, trainer
+from test_report import t0_sweep
 
 TINY = {"vocab_size": 259, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_heads": 4,
         "num_layers": 1, "dropout_rate": 0.0}
@@ -88,6 +90,21 @@ def test_pending_directory_of_a_step_written_in_place(fake_gcs):
   (steps / "4" / checkpoint_integrity.COMMIT_MARKER).write_text("done")
   with pytest.raises(FileNotFoundError, match="no uncommitted directory of step 4"):
     checkpoint_integrity.pending_directory(steps, 4)
+
+
+def test_report_and_sweep_plan_read_runs_in_a_bucket(fake_gcs):
+  t0_sweep(fake_gcs / "bucket" / "sweep")  # 12 runs and sweep.json, as the sweep lays them out
+  tables = report.report(["gs://bucket/sweep"])
+  mhr = tables["t0"]["methods"]["mhr"]
+  # By hand (tests/test_report.py's scores): rte median(60, 70, 65), cb median(50, 80, 90).
+  assert (mhr["datasets"]["rte"]["median"], mhr["datasets"]["cb"]["median"]) == (65.0, 80.0)
+  assert mhr["runs"][0].startswith("gs://bucket/sweep/mhr/") and len(mhr["runs"]) == 6
+  out = paths.run_dir("gs://bucket/sweep")
+  (fake_gcs / "bucket/sweep/mhr/rte/seed_0/results.json").unlink()
+  plan = json.loads((out / sweep.SWEEP_FILE).read_text())
+  assert [r["dir"] for r in sweep.pending(out, plan)] == ["mhr/rte/seed_0"]
+  with pytest.raises(report.ReportError, match="seed_0"):  # planned, not finished: named
+    report.report(["gs://bucket/sweep"])
 
 
 def _run(model_dir, steps):
