@@ -114,10 +114,20 @@ def test_rows_absent_from_every_batch_keep_their_values_and_moments_bit_for_bit(
     assert (dense_tables[p][absent] != init_tables[p][absent]).all(), p
 
 
+@functools.lru_cache(maxsize=None)
+def _grad_fns(graphdef):
+  """Jitted gradients of the dense tables and of the gathered rows, compiled once per model
+  (the batch and the rows are arguments, not closure constants, so each step reuses them)."""
+  def dense(trainable, frozen, b):
+    return _loss(nnx.merge(graphdef, trainable, frozen, copy=True), b)[0]
+
+  def rows(row_tables, rest, frozen, b):
+    return _loss(nnx.merge(graphdef, rest, row_tables, frozen, copy=True), b)[0]
+  return jax.jit(jax.grad(dense)), jax.jit(jax.grad(rows))
+
+
 def _dense_grads(graphdef, trainable, frozen, b):
-  def loss(t):
-    return _loss(nnx.merge(graphdef, t, frozen, copy=True), b)[0]
-  return jax.jit(jax.grad(loss))(trainable)
+  return _grad_fns(graphdef)[0](trainable, frozen, b)
 
 
 def _row_grads(graphdef, trainable, frozen, b, n_tasks):
@@ -125,11 +135,8 @@ def _row_grads(graphdef, trainable, frozen, b, n_tasks):
   tables, rest = row_sparse.split_routing(trainable)
   rows, local_ids = row_sparse.batch_rows(b["task_ids"], n_tasks)
   row_tables = jax.tree.map(lambda t: row_sparse.take_rows(t, rows), tables)
-
-  def loss(row_tables):
-    model = nnx.merge(graphdef, rest, row_tables, frozen, copy=True)
-    return _loss(model, dict(b, task_ids=local_ids))[0]
-  return np.asarray(rows), _tables(jax.jit(jax.grad(loss))(row_tables))
+  grads = _grad_fns(graphdef)[1](row_tables, rest, frozen, dict(b, task_ids=local_ids))
+  return np.asarray(rows), _tables(grads)
 
 
 def test_touched_rows_follow_a_numpy_lazy_adamw_with_summed_duplicate_gradients():
