@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
-from mhr_jax import (adapters, checkpoints, choices, data, errors, hf_import, modes, models,
-                     network, optimizers, row_sparse, sharding, steps)
+from mhr_jax import (adapters, carry_over, checkpoints, choices, data, errors, hf_import, modes,
+                     models, network, optimizers, row_sparse, sharding, steps)
 
 if TYPE_CHECKING:
   from mhr_jax.trainer import DataConfig, ModelConfig, TrainConfig
@@ -72,14 +72,22 @@ def build_state(kind: modes.RunKind, model_dir: epath.Path, model_cfg: ModelConf
                 adapter_cfg: Optional[adapters.AdapterConfig],
                 opt_cfg: optimizers.OptimizerConfig, data_cfg: DataConfig,
                 train_cfg: TrainConfig, mesh_cfg: sharding.MeshConfig,
-                strategy: str) -> RunState:
-  """Task tables, model, split, optimizer and jitted step of a run, on its mesh."""
+                strategy: str, adapter_fields_set: Optional[frozenset] = None) -> RunState:
+  """Task tables, model, split, optimizer and jitted step of a run, on its mesh.
+
+  ``adapter_fields_set``: the ``AdapterConfig`` fields the run sets itself, which win over a
+  parent checkpoint's where they can (``carry_over``); None: those that differ from the defaults.
+  """
   mode = mode_of(adapter_cfg)
   kind.check_mode(mode)
   parent = _read_parent(train_cfg.init_from)
   modes.check_start(kind, mode, parent is not None)
+  rebuilt = None
   if parent is not None:
-    check_structure_against_parent(adapter_cfg, parent)
+    mode.transition_from(parent["mode"], parent["path"])  # a refused mode change comes first
+    if adapter_fields_set is None:
+      adapter_fields_set = carry_over.fields_set(adapter_cfg)
+    rebuilt = carry_over.rebuilt_config(adapter_cfg, parent, adapter_fields_set)
   copies = _task_tables(data_cfg, train_cfg.vmap_tasks, parent)
   n_choices = _n_choices(copies) if kind.trains and train_cfg.loss == "tfew" else None
   table = copies[0][1]
@@ -88,7 +96,8 @@ def build_state(kind: modes.RunKind, model_dir: epath.Path, model_cfg: ModelConf
   _check_vocabulary(data_cfg, _backbone_config(model_cfg, parent).t5_config())
   mesh = sharding.make_mesh(mesh_cfg)
   rules = sharding.logical_rules(strategy)
-  model = build_model(model_cfg, adapter_cfg, table, parent, train_cfg.seed, mesh, rules)
+  model = build_model(model_cfg, adapter_cfg, table, parent, train_cfg.seed, mesh, rules,
+                      rebuilt=rebuilt)
   graphdef, trainable, frozen = steps.split_model(model, adapters.trainable_filter(mode.name))
   # Batches of a one-task mixture (or of one copy per task) hold one task: routed layers then
   # mix one adapter per call instead of one per example.
@@ -103,11 +112,15 @@ def build_state(kind: modes.RunKind, model_dir: epath.Path, model_cfg: ModelConf
       counts=adapters.parameter_counts(model, mode.name), n_choices=n_choices,
       seed=train_cfg.seed)
   _shard_and_jit(state, tx, mesh, rules)
+  # What the model was built with (a parent run's backbone when there is one), so that resuming,
+  # exporting or starting from this run rebuilds the same model.
+  built_backbone = _backbone_config(model_cfg, parent)
   state.metadata = checkpoints.make_metadata(
       mode=mode.name, task_table=table.as_dict(), trainable=state.trainable,
-      backbone=model_cfg.backbone,
-      model_config=dataclasses.asdict(model_cfg),
-      adapter_config=_adapter_dict(adapter_cfg, table) if mode.has_adapters else None)
+      backbone=built_backbone.backbone,
+      model_config=dataclasses.asdict(built_backbone),
+      adapter_config=(_adapter_dict(_built_adapter_config(adapter_cfg, rebuilt, parent, table))
+                      if mode.has_adapters else None))
   state.metadata.update(
       routing_update="rows" if rows else "dense", kind=kind.name,
       init_from=train_cfg.init_from, copies=[n for n, _ in copies] if state.vmapped else None)
@@ -168,14 +181,15 @@ def _build_t5(model_cfg: ModelConfig, adapter_cfg: Optional[adapters.AdapterConf
 
 
 def build_model(model_cfg: ModelConfig, adapter_cfg: Optional[adapters.AdapterConfig],
-                table: data.TaskIdTable, parent: Optional[dict], seed: int, mesh, rules
-                ) -> network.T5:
+                table: data.TaskIdTable, parent: Optional[dict], seed: int, mesh, rules, *,
+                rebuilt: Optional[adapters.AdapterConfig] = None) -> network.T5:
   """The model of a run, in the state its first step starts from.
 
   Without a parent run: the backbone with fresh adapters for the table's tasks. With one
-  (``parent``, from ``checkpoints.read_metadata``): the parent's model rebuilt with its own
-  adapter configuration, its final trainable state restored, then the transition from the
-  parent's mode to this run's applied (``modes.Mode.transition_from``).
+  (``parent``, from ``checkpoints.read_metadata``): the parent's model rebuilt with ``rebuilt``
+  (``carry_over.rebuilt_config``; default: the parent's own adapter configuration), its final
+  trainable state restored, then the transition from the parent's mode to this run's applied
+  (``modes.Mode.transition_from``).
   """
   mode = mode_of(adapter_cfg)
   if parent is None:
@@ -183,54 +197,11 @@ def build_model(model_cfg: ModelConfig, adapter_cfg: Optional[adapters.AdapterCo
            else None)
     return _build_t5(model_cfg, cfg, seed, mesh, rules)
   transition = mode.transition_from(parent["mode"], parent["path"])
-  pcfg = parent_adapter_config(parent)
+  pcfg = rebuilt if rebuilt is not None else carry_over.parent_adapter_config(parent)
   model = _build_t5(_backbone_config(model_cfg, parent), pcfg, seed, mesh, rules)
   checkpoints.restore_into(model, parent["path"], adapters.trainable_filter(parent["mode"]))
   n_new = table.n_tasks - len(parent["task_names"])
   return adapters.start_from(model, transition, n_new, jax.random.key(seed + 3))
-
-
-def parent_adapter_config(parent: dict) -> Optional[adapters.AdapterConfig]:
-  """The adapter configuration a parent run saved (None for ``full``).
-
-  Checkpoints written before the routing anneal was removed carry ``anneal_steps``; its variables
-  were never checkpointed (nothing set them), so the field is dropped.
-  """
-  saved = parent.get("adapter_config")
-  if not saved:
-    return None
-  return adapters.AdapterConfig(**{k: v for k, v in saved.items() if k != "anneal_steps"})
-
-
-# Adapter structure a run takes from the checkpoint it starts from (the authors' pl_finetune.py
-# ARGS_TO_OVERWRITE: lora_rank, lora_alpha, modify_layers, n_skills, n_splits, ...). The counts
-# are compared only when the mode stays the same: a mode transition may change them.
-STRUCTURE = ("lora_rank", "lora_alpha", "layers")
-STRUCTURE_SAME_MODE = ("n_skills", "n_splits")
-
-
-def check_structure_against_parent(adapter_cfg: Optional[adapters.AdapterConfig],
-                                   parent: dict) -> None:
-  """Refuses a run whose own adapter structure contradicts the checkpoint it starts from.
-
-  The model is rebuilt with the parent's adapter configuration (``build_model``), as the authors
-  carry these arguments over from the checkpoint. A value of the run that equals the
-  ``AdapterConfig`` default counts as unset and the checkpoint's applies; any other value that
-  differs from the checkpoint's is an error naming both, since it cannot apply to the restored
-  parameters.
-  """
-  pcfg = parent_adapter_config(parent)
-  if adapter_cfg is None or pcfg is None:
-    return
-  fields = STRUCTURE + (STRUCTURE_SAME_MODE if adapter_cfg.mode == pcfg.mode else ())
-  defaults = adapters.AdapterConfig()
-  for name in fields:
-    ours, theirs = getattr(adapter_cfg, name), getattr(pcfg, name)
-    if ours != theirs and ours != getattr(defaults, name):
-      raise errors.ConfigError(
-          f"AdapterConfig.{name}={ours!r}, but the checkpoint this run starts from "
-          f"({parent['path']}) was trained with {name}={theirs!r}; a fine-tuning run takes its "
-          f"adapter structure from the checkpoint: drop the setting or set it to {theirs!r}")
 
 
 def _check_vocabulary(data_cfg: DataConfig, cfg: network.T5Config) -> None:
@@ -247,8 +218,18 @@ def _check_vocabulary(data_cfg: DataConfig, cfg: network.T5Config) -> None:
             "match")
 
 
-def _adapter_dict(cfg: adapters.AdapterConfig, table: data.TaskIdTable) -> dict:
-  out = dataclasses.asdict(dataclasses.replace(cfg, n_tasks=table.n_tasks))
+def _built_adapter_config(adapter_cfg: adapters.AdapterConfig,
+                          rebuilt: Optional[adapters.AdapterConfig], parent: Optional[dict],
+                          table: data.TaskIdTable) -> adapters.AdapterConfig:
+  """The adapter structure the run's model holds (what its checkpoints record)."""
+  if parent is None or rebuilt is None:
+    return dataclasses.replace(adapter_cfg, n_tasks=table.n_tasks)
+  transition = mode_of(adapter_cfg).transition_from(parent["mode"], parent["path"])
+  return carry_over.built_config(adapter_cfg, rebuilt, transition, table.n_tasks)
+
+
+def _adapter_dict(cfg: adapters.AdapterConfig) -> dict:
+  out = dataclasses.asdict(cfg)
   out["param_dtype"] = jnp.dtype(out["param_dtype"]).name
   return out
 

@@ -257,7 +257,8 @@ def run(
       raise errors.CheckpointError(
           f"kind {run_kind.name!r} needs a checkpoint in {path / 'checkpoints'}")
     state = build_state(run_kind, path, model_config, adapter_config, optimizer_config,
-                        data_config, train_config, mesh_config, sharding_strategy)
+                        data_config, train_config, mesh_config, sharding_strategy,
+                        adapter_fields_set=adapter_fields_bound())
     restore(state, ckpt)
     reporter = reporting.Reporter(path, train_config.steps, start_step=state.start_step,
                                   enabled=jax.process_index() == 0, prefix=f"{path.name} ")
@@ -266,6 +267,36 @@ def run(
     step, last_loss = train_loop(state, ckpt, data_config, train_config, reporter)
     seconds = time.perf_counter() - t_start
     return finish(state, data_config, reporter, step=step, last_loss=last_loss, seconds=seconds)
+
+
+def adapter_fields_bound() -> Optional[frozenset]:
+  """The ``AdapterConfig`` fields gin binds (in a gin file or a ``--gin.`` flag, to any value,
+  the default included) when gin builds the run's adapter config (``run.adapter_config =
+  @AdapterConfig()``); None when it does not (a config passed in Python).
+
+  A fine-tuning run keeps these and takes the others from its checkpoint (``carry_over``), as the
+  authors' ``pl_finetune.py`` keeps the arguments a config file or flag set
+  (``Config.was_overridden``). A scoped reference (``@s/AdapterConfig()``) also sees the bindings
+  of its enclosing scopes, as gin applies them.
+  """
+  try:
+    ref = gin.query_parameter("run.adapter_config")
+  except ValueError:
+    return None
+  if getattr(getattr(ref, "configurable", None), "name", None) != "AdapterConfig":
+    return None
+  scopes = list(ref.scopes)
+  prefixes = ["/".join(scopes[:i]) for i in range(len(scopes) + 1)]
+  bound = set()
+  for field in dataclasses.fields(adapters.AdapterConfig):
+    for prefix in prefixes:
+      try:
+        gin.query_parameter(f"{prefix}/AdapterConfig.{field.name}" if prefix
+                            else f"AdapterConfig.{field.name}")
+      except ValueError:
+        continue
+      bound.add(field.name)
+  return frozenset(bound)
 
 
 def _prepare_model_dir(model_dir: str, kind: modes.RunKind) -> epath.Path:
