@@ -130,12 +130,71 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: S
   files = [resolve_gin_file(f, search_paths) for f in gin_files]  # names a missing file first
   try:
     with _gin_lookup(search_paths):
-      gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+      # File by file (as gin.parse_config_files_and_bindings does), noting the adapter knobs.
+      knobs = []
+      for f in files:
+        gin.parse_config_file(f)
+        knobs.append(_adapter_knobs())
+      gin.parse_config(bindings)
+    check_adapter_knobs(gin_files, files, knobs, bindings)
     gin.finalize()
   except errors.MhrError:
     raise
   except Exception as e:  # gin reports configuration errors as built-in exceptions
     raise errors.ConfigError(_gin_message(str(e))) from e
+
+
+# The macros the generic adapters/<mode>.gin files set, each to its own default value.
+ADAPTER_KNOBS = ("N_SKILLS", "N_SPLITS", "LORA_RANK", "ADAPTED_LAYERS")
+_UNSET = object()
+
+
+def _adapter_knobs() -> dict:
+  """{knob: value} of the ``ADAPTER_KNOBS`` gin binds so far."""
+  out = {}
+  for name in ADAPTER_KNOBS:
+    try:
+      out[name] = gin.query_parameter(f"{name}/gin.macro.value")
+    except ValueError:
+      pass
+  return out
+
+
+def check_adapter_knobs(names: Sequence[str], files: Sequence[str], knobs: Sequence[dict],
+                        bindings: Sequence[str]) -> None:
+  """Refuses an ``adapters/<mode>.gin`` that silently resets a knob an earlier file chose.
+
+  The generic adapter files set N_SKILLS, N_SPLITS, LORA_RANK and ADAPTED_LAYERS to their own
+  defaults, so ``experiments/t0_pretrain.gin`` followed by ``adapters/mhr_z.gin`` runs S = 8 instead
+  of the preset's 64: another model (other heads, other parameter counts) that nothing reports,
+  and for fine-tuning a mismatch with the checkpoint. A refusal, not a warning, since the run it
+  would start is not the one asked for; a later file or a ``--gin.KNOB=...`` binding that sets the
+  knob again says what is meant and passes.
+
+  Args:
+    names: the gin files as given; files: the same, resolved; knobs: ``_adapter_knobs()`` after
+      each file; bindings: the ``--gin.`` bindings, parsed after the files.
+  """
+  rebound = {k for k in ADAPTER_KNOBS for b in bindings if re.match(rf"\s*{k}\s*=", b)}
+  for i in range(1, len(files)):
+    if pathlib.Path(files[i]).parent.name != "adapters":
+      continue
+    before, after = knobs[i - 1], knobs[i]
+    for knob in ADAPTER_KNOBS:
+      old, new = before.get(knob, _UNSET), after.get(knob, _UNSET)
+      later = [k.get(knob, _UNSET) for k in knobs[i + 1:]]
+      if old is _UNSET or old == new or knob in rebound or any(v != new for v in later):
+        continue
+      setter = next(names[j] for j in range(i - 1, -1, -1)
+                    if j == 0 or knobs[j - 1].get(knob, _UNSET) != knobs[j].get(knob, _UNSET))
+      overlay = f"overlays/method_{pathlib.Path(files[i]).stem}.gin"
+      use = (f"--gin_file={overlay}" if (REPO_ROOT / "gin_configs" / overlay).is_file()
+             else "the preset without it (its method is set already)")
+      raise errors.ConfigError(
+          f"{names[i]} sets {knob} = {new!r} after {setter} set it to {old!r}: the generic "
+          f"adapter files reset their knobs. The presets switch method with "
+          f"gin_configs/overlays/method_*.gin, which keep {knob}: use {use} instead of "
+          f"{names[i]}, or say which value you mean with --gin.{knob}=... after the files")
 
 
 def _gin_message(text: str) -> str:

@@ -155,3 +155,38 @@ def test_removed_anneal_binding_is_refused(tmp_path):
       train.parse_gin([str(old)], [], [])
   finally:
     gin.clear_config()
+
+
+def _parse(files, bindings=()):
+  """The operative (N_SPLITS, LORA_RANK, AdapterConfig.mode) of a parse in this process."""
+  import gin
+  from mhr_jax import train
+
+  gin.clear_config()
+  try:
+    train.parse_gin(files, [a[len("--gin."):] for a in RUN_ARGS] + list(bindings), [])
+    return tuple(gin.query_parameter(q) for q in (
+        "N_SPLITS/gin.macro.value", "LORA_RANK/gin.macro.value", "AdapterConfig.mode"))
+  finally:
+    gin.clear_config()
+
+
+def test_generic_adapter_file_resetting_a_preset_knob_is_refused():
+  """``adapters/<mode>.gin`` after a preset would reset its knobs to the file's own defaults
+  (T0: S 64 -> 8; Super-NI: rank 16 -> 1); the parse fails naming both files, the knob, both
+  values and the overlay to use. The overlays, a binding after the files, or a knob the adapter
+  file leaves as the preset set it, pass."""
+  from mhr_jax import errors
+
+  with pytest.raises(errors.ConfigError, match=(
+      r"adapters/mhr_z\.gin sets N_SPLITS = 8 after experiments/t0_pretrain\.gin set it to 64"
+      r".*--gin_file=overlays/method_mhr_z\.gin instead of adapters/mhr_z\.gin")):
+    _parse(["experiments/t0_pretrain.gin", "adapters/mhr_z.gin"])
+  with pytest.raises(errors.ConfigError, match=(
+      r"adapters/poly\.gin sets LORA_RANK = 1 after experiments/super_ni_pretrain\.gin set it "
+      r"to 16.*overlays/method_poly\.gin")):
+    _parse(["experiments/super_ni_pretrain.gin", "adapters/poly.gin"])
+  assert _parse(["experiments/t0_pretrain.gin", "overlays/method_mhr_z.gin"]) == (64, 1, "mhr_z")
+  assert _parse(["experiments/t0_pretrain.gin", "adapters/mhr_z.gin"],
+                ["N_SPLITS = 8"]) == (8, 1, "mhr_z")
+  assert _parse(["experiments/t0_pretrain.gin", "adapters/lora.gin"])[2] == "lora"
