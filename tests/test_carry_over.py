@@ -87,6 +87,18 @@ def test_structure_comes_from_the_checkpoint_and_a_contradiction_names_both(pare
       _rebuilt(parent, f"AdapterConfig.{name} = {value!r}")
 
 
+def test_bindings_of_a_scoped_config_and_its_enclosing_scopes_count_as_set():
+  gin.clear_config()
+  try:
+    gin.parse_config(["run.adapter_config = @ft/AdapterConfig()", "ft/AdapterConfig.init = 'peft'",
+                      "AdapterConfig.lora_alpha = 1.0", "other/AdapterConfig.n_splits = 4"])
+    assert trainer.adapter_fields_bound() == {"init", "lora_alpha"}
+    gin.clear_config()
+    assert trainer.adapter_fields_bound() is None  # gin does not build the config
+  finally:
+    gin.clear_config()
+
+
 def test_a_config_built_in_python_counts_fields_off_their_default(parent):
   cfg = adapters.AdapterConfig(mode="mhr_z", temperature=2.0, lora_alpha=DEFAULTS.lora_alpha)
   assert carry_over.fields_set(cfg) == {"mode", "temperature"}
