@@ -49,10 +49,10 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-# The T5 v1.1 small shape (T0 / Super-NI).
-SHAPES = {
-    "small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6),
-}
+from benchmarks import configs
+
+# The T5 v1.1 small shape (T0 / Super-NI), and the tiny one for the modules' tests.
+SHAPES = {k: configs.SHAPES[k] for k in ("tiny", "small")}
 # Adapters of the T0 setting: every attention projection and the gated MLP.
 TARGETS = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")
 
@@ -177,8 +177,13 @@ def torch_setup(threads: Optional[int] = None):
 
 def build_peft(ours, adapters_cfg: Adapters, threads: Optional[int] = None):
   """PEFT Poly (or MHR) around a Hugging Face T5 holding ``ours``'s backbone weights; eval mode."""
-  torch = torch_setup(threads)
-  import peft
+  torch_setup(threads)
+  return wrap_poly(hf_t5_from(ours), adapters_cfg).eval()
+
+
+def hf_t5_from(ours):
+  """A Hugging Face ``T5ForConditionalGeneration`` holding ``ours``'s backbone weights."""
+  import torch
   import transformers
 
   from mhr_jax import hf_import
@@ -195,11 +200,18 @@ def build_peft(ours, adapters_cfg: Adapters, threads: Optional[int] = None):
                                              "decoder.embed_tokens.weight")]
   if missing or unexpected:
     raise ValueError(f"backbone copy: missing {missing}, unexpected {unexpected}")
+  return model
+
+
+def wrap_poly(model, adapters_cfg: Adapters):
+  """PEFT's Poly (or MHR) tuner on ``TARGETS`` of a Hugging Face T5."""
+  import peft
+
   pcfg = peft.PolyConfig(
       task_type="SEQ_2_SEQ_LM", poly_type="poly", r=adapters_cfg.rank,
       n_tasks=adapters_cfg.n_tasks, n_skills=adapters_cfg.n_skills,
       n_splits=adapters_cfg.n_splits, target_modules=list(TARGETS))
-  return peft.get_peft_model(model, pcfg).eval()
+  return peft.get_peft_model(model, pcfg)
 
 
 def pad_rows(rows, length: Optional[int] = None):
@@ -225,35 +237,49 @@ BUCKETS = {"inputs": (64, 128, 192, 256), "targets": (4, 8, 16)}
 ADAPTERS = Adapters(n_tasks=len(DATASETS), n_skills=8, rank=1)
 
 
-def load_examples(data_dir: pathlib.Path, name: str, max_examples: int) -> list[dict[str, Any]]:
-  """Tokenized validation examples: ``inputs`` (ids + EOS), ``choices`` (each ids + EOS), label."""
-  from tasks import t0, vocab as vocab_lib
+def dataset_spec(name: str):
+  """``tasks.t0``'s spec of a held-out dataset, and BoolQ's (not one of T0's held-out sets)."""
+  from tasks import t0
 
-  spec = t0.DATASETS.get(name) or t0.DatasetSpec(
+  return t0.DATASETS.get(name) or t0.DatasetSpec(
       "boolq", "super_glue/boolq", "super_glue/BoolQ", ("false", "true"))
+
+
+def render_eval(data_dir: pathlib.Path, name: str, max_examples: int) -> list[dict[str, Any]]:
+  """The first validation examples under the dataset's first original-task template (text)."""
+  from tasks import t0
+
+  spec = dataset_spec(name)
   templates = t0.load_templates(data_dir / "promptsource_templates" / spec.templates /
                                 "templates.yaml")
   template = next(t for t in templates if t.original_task and t.answer_choices)
   rows = t0.render_file(data_dir / "t0_heldout" / "eval" / spec.eval / "val.jsonl", spec, template)
+  return rows[:max_examples]
+
+
+def tokenize_eval(rows, vocab) -> list[dict[str, Any]]:
+  """``inputs`` (ids + EOS), ``choices`` (each ids + EOS), ``label`` of rendered examples."""
+  return [{"inputs": (list(vocab.encode(row["inputs"]))[:MAX_INPUT - 1] + [1]),
+           "choices": [(list(vocab.encode(c)) + [1])[:MAX_CHOICE]
+                       for c in row["answer_choices"]],
+           "label": row["label"]} for row in rows]
+
+
+def load_examples(data_dir: pathlib.Path, name: str, max_examples: int) -> list[dict[str, Any]]:
+  """Tokenized validation examples: ``inputs`` (ids + EOS), ``choices`` (each ids + EOS), label."""
+  from tasks import vocab as vocab_lib
+
   vocab = vocab_lib.resolve(None, data_dir / "tokenizer" / "spiece.model")
-  out = []
-  for row in rows[:max_examples]:
-    out.append({"inputs": (list(vocab.encode(row["inputs"]))[:MAX_INPUT - 1] + [1]),
-                "choices": [(list(vocab.encode(c)) + [1])[:MAX_CHOICE]
-                            for c in row["answer_choices"]],
-                "label": row["label"]})
-  return out
+  return tokenize_eval(render_eval(data_dir, name, max_examples), vocab)
 
 
 # ---------------------------------------------------------------------------------------------
 # Ours: the evaluation's model functions on an enumerated dataset, as seqio.Evaluator hands it.
 
 
-def ours_passes(model, examples, task_id: int, batch: int) -> dict[str, Any]:
-  """Pass functions of our three variants; each returns the predicted choice per example."""
+def _eval_arrays(examples, task_id: int):
+  """Inputs [N, MAX_INPUT], choices [N, C, MAX_CHOICE] and the enumerated feature dataset."""
   import tensorflow as tf
-
-  from mhr_jax import evaluation
 
   n, c = len(examples), max(len(e["choices"]) for e in examples)
   enc = np.zeros((n, MAX_INPUT), np.int32)
@@ -263,18 +289,34 @@ def ours_passes(model, examples, task_id: int, batch: int) -> dict[str, Any]:
     for j, ch in enumerate(e["choices"]):
       choices[i, j, :len(ch)] = ch
   feats = {"encoder_input_tokens": enc, "task_ids": np.full(n, task_id, np.int32)}
-  ds = tf.data.Dataset.from_tensor_slices(feats).enumerate().cache()
+  return enc, choices, tf.data.Dataset.from_tensor_slices(feats).enumerate().cache()
+
+
+def shared_scorer(model, examples, task_id: int, batch: int, buckets) -> Callable[[], Any]:
+  """A pass of the evaluation's ``score_fn`` (input encoded once, every choice against it);
+  returns the predicted choice per example."""
+  from mhr_jax import evaluation
+
+  _, choices, ds = _eval_arrays(examples, task_id)
+  fns = evaluation.ModelFns(model, batch_size=batch, max_decode_len=MAX_CHOICE,
+                            buckets=buckets, choices=choices)
+  return lambda: np.argmax(np.asarray([s for _, s in sorted(fns.score_fn(ds))]), -1)
+
+
+def ours_passes(model, examples, task_id: int, batch: int) -> dict[str, Any]:
+  """Pass functions of our three variants; each returns the predicted choice per example."""
+  import tensorflow as tf
+
+  from mhr_jax import evaluation
+
+  n, c = len(examples), max(len(e["choices"]) for e in examples)
+  enc, choices, _ = _eval_arrays(examples, task_id)
   # Repeated path: one row per (input, choice), the choice as the target.
   rows = {"encoder_input_tokens": np.repeat(enc, c, 0),
           "task_ids": np.full(n * c, task_id, np.int32),
           "decoder_target_tokens": choices.reshape(n * c, MAX_CHOICE)}
   rows["decoder_input_tokens"] = np.pad(rows["decoder_target_tokens"][:, :-1], ((0, 0), (1, 0)))
   row_ds = tf.data.Dataset.from_tensor_slices(rows).enumerate().cache()
-
-  def shared(buckets):
-    fns = evaluation.ModelFns(model, batch_size=batch, max_decode_len=MAX_CHOICE,
-                              buckets=buckets, choices=choices)
-    return lambda: np.argmax(np.asarray([s for _, s in sorted(fns.score_fn(ds))]), -1)
 
   rep_fns = evaluation.ModelFns(model, batch_size=batch * c, max_decode_len=MAX_CHOICE,
                                 buckets=BUCKETS)
@@ -284,7 +326,8 @@ def ours_passes(model, examples, task_id: int, batch: int) -> dict[str, Any]:
     length = np.maximum((choices > 0).sum(-1), 1)
     return np.argmax(np.where((choices > 0).any(-1), ll / length, -np.inf), -1)
 
-  return {"ours_shared": shared({}), "ours_shared_buckets": shared(BUCKETS),
+  return {"ours_shared": shared_scorer(model, examples, task_id, batch, {}),
+          "ours_shared_buckets": shared_scorer(model, examples, task_id, batch, BUCKETS),
           "ours_repeated": repeated}
 
 
