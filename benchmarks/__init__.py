@@ -42,5 +42,8 @@ Modules: ``configs`` (shapes, the step configuration), ``flops``, ``timing``, ``
 ``jax_vmap`` (ours), ``torch_runner`` (PEFT's), ``profiling``, ``plan`` (measurements as jobs),
 ``jobs`` (what a worker runs), ``records``, ``derive`` (ratios), ``tables`` (Markdown). A
 benchmark of another kind (evaluation, data loading) is a module of its own in this package,
-run as ``python -m benchmarks.<module>``.
+run as ``python -m benchmarks.<module>``: ``eval_speed`` (T0 rank classification),
+``finetune_speed`` (T-Few fine-tuning steps on the real few-shot splits, first step with a cold
+and a warm compilation cache) and ``fewshot_job`` (an 8-task few-shot adaptation job end to end,
+process start to results), each ours against the PyTorch way.
 """
