@@ -342,6 +342,18 @@ def _choice_loglik(torch, logits, targets):
   return (ll * (targets > 0)).sum(-1)
 
 
+def peft_choice_logits(torch, model, enc, choices, task_ids, n_choices: int):
+  """Decoder logits [B*C, Lt, V] of every answer choice as T-Few computes them: the encoder once
+  per input (enc [B, Li]), its output repeated per choice (choices [B*C, Lt], 0 = padding)."""
+  mask = (enc > 0).long()
+  with model.base_model._manage_pre_hooks(task_ids):  # PEFT Poly passes task ids by hooks
+    hidden = model.base_model.model.get_encoder()(input_ids=enc, attention_mask=mask)[0]
+  dec_in = torch.nn.functional.pad(choices[:, :-1], (1, 0))
+  return model(encoder_outputs=[hidden.repeat_interleave(n_choices, 0)],
+               attention_mask=mask.repeat_interleave(n_choices, 0), decoder_input_ids=dec_in,
+               task_ids=task_ids.repeat_interleave(n_choices)).logits
+
+
 def peft_passes(model, examples, task_id: int, batch: int) -> dict[str, Any]:
   """Pass functions of the PyTorch variants; each returns the predicted choice per example."""
   torch = torch_setup()
@@ -368,14 +380,8 @@ def peft_passes(model, examples, task_id: int, batch: int) -> dict[str, Any]:
   def tfew(batches, order):
     preds = []
     for enc, choices, tids in batches:
-      mask = (enc > 0).long()
-      with model.base_model._manage_pre_hooks(tids):  # PEFT Poly passes task ids by hooks
-        hidden = model.base_model.model.get_encoder()(input_ids=enc, attention_mask=mask)[0]
-      dec_in = torch.nn.functional.pad(choices[:, :-1], (1, 0))
-      out = model(encoder_outputs=[hidden.repeat_interleave(c, 0)],
-                  attention_mask=mask.repeat_interleave(c, 0), decoder_input_ids=dec_in,
-                  task_ids=tids.repeat_interleave(c))
-      preds.append(predict(_choice_loglik(torch, out.logits, choices), choices))
+      logits = peft_choice_logits(torch, model, enc, choices, tids, c)
+      preds.append(predict(_choice_loglik(torch, logits, choices), choices))
     result = np.empty(len(order), np.int64)
     result[order] = torch.cat(preds).numpy()
     return result

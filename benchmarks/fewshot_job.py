@@ -315,19 +315,12 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--data_dir", default="../shared/data")
-  parser.add_argument("--datasets", type=lambda s: [x for x in s.split(",") if x],
-                      default=list(DATASETS))
+  from benchmarks import finetune_speed
+
+  parser = finetune_speed.common_parser(__doc__, NAME, DATASETS)
   parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps per task")
   parser.add_argument("--eval_examples", type=int, default=16, help="per task")
   parser.add_argument("--repeats", type=int, default=1)
-  parser.add_argument("--shape", default="small", help="T5 shape (tiny: the tests)")
-  parser.add_argument("--out", default=f"docs/bench/{NAME}")
-  parser.add_argument("--all_cores", action="store_true",
-                      help="do not pin the processes to one core (eval_speed.pin_to_one_core)")
-  parser.add_argument("--core", type=int, default=0, help="the core they are pinned to")
   for flag in ("--side", "--job", "--checkpoint", "--cache_dir", "--result"):
     parser.add_argument(flag, help=argparse.SUPPRESS)  # a child process's
   args = parser.parse_args(argv)

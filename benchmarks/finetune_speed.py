@@ -177,13 +177,7 @@ def peft_tfew_loss(torch, model, enc, choices, labels, task_ids, n_choices: int)
 
   enc [B, Li], choices [B*C, Lt] (0 = padding), labels [B], task_ids [B].
   """
-  mask = (enc > 0).long()
-  with model.base_model._manage_pre_hooks(task_ids):  # PEFT Poly passes task ids by hooks
-    hidden = model.base_model.model.get_encoder()(input_ids=enc, attention_mask=mask)[0]
-  dec_in = torch.nn.functional.pad(choices[:, :-1], (1, 0))
-  logits = model(encoder_outputs=[hidden.repeat_interleave(n_choices, 0)],
-                 attention_mask=mask.repeat_interleave(n_choices, 0), decoder_input_ids=dec_in,
-                 task_ids=task_ids.repeat_interleave(n_choices)).logits  # [B*C, Lt, V]
+  logits = eval_speed.peft_choice_logits(torch, model, enc, choices, task_ids, n_choices)
   b = enc.shape[0]
   w = (choices > 0).float().view(b, n_choices, -1)  # [B*C, Lt] -> [B, C, Lt]
   nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), choices,
@@ -344,23 +338,29 @@ def table(records: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
+def common_parser(doc: str, name: str, datasets: Sequence[str]) -> argparse.ArgumentParser:
+  """The flags this module and ``fewshot_job`` share: data, datasets, shape, output, cores."""
+  parser = argparse.ArgumentParser(description=doc,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--data_dir", default="../shared/data")
   parser.add_argument("--datasets", type=lambda s: [x for x in s.split(",") if x],
-                      default=list(DATASETS))
-  parser.add_argument("--batches", type=int, default=2, help="batches of 8 per dataset per pass")
-  parser.add_argument("--rounds", type=int, default=1, help="timed passes per variant")
+                      default=list(datasets))
   parser.add_argument("--shape", default="small", choices=sorted(eval_speed.SHAPES),
                       help="T5 shape (tiny: the tests)")
-  parser.add_argument("--out", default=f"docs/bench/{NAME}")
+  parser.add_argument("--out", default=f"docs/bench/{name}")
+  parser.add_argument("--all_cores", action="store_true",
+                      help="do not pin the processes to one core (eval_speed.pin_to_one_core)")
+  parser.add_argument("--core", type=int, default=0, help="the core they are pinned to")
+  return parser
+
+
+def main(argv=None) -> int:
+  parser = common_parser(__doc__, NAME, DATASETS)
+  parser.add_argument("--batches", type=int, default=2, help="batches of 8 per dataset per pass")
+  parser.add_argument("--rounds", type=int, default=1, help="timed passes per variant")
   parser.add_argument("--cache_dir", default=None,
                       help="persistent compilation cache (default: a fresh temporary folder)")
   parser.add_argument("--first_step_only", action="store_true", help=argparse.SUPPRESS)
-  parser.add_argument("--all_cores", action="store_true",
-                      help="do not pin the process to one core (eval_speed.pin_to_one_core)")
-  parser.add_argument("--core", type=int, default=0, help="the core it is pinned to")
   args = parser.parse_args(argv)
   if not args.all_cores:
     eval_speed.pin_to_one_core(args.core)

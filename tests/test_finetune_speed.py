@@ -10,6 +10,7 @@ import pytest
 from benchmarks import eval_speed, fewshot_job, finetune_speed
 
 
+@pytest.mark.slow  # ~25 s of CPU (two models, a compiled loss); 170 s wall on the loaded 2 cores
 def test_peft_tfew_step_computes_our_tfew_loss(shared_data):
   """On a real CB few-shot batch (3 choices), PEFT's T-Few loss in PyTorch equals
   ``models.tfew_loss_fn`` of ours, same weights, routing noise off on both sides."""
