@@ -6,7 +6,7 @@ The job: 8 held-out datasets, each fine-tuned for ``--steps`` steps of 8 example
 multiple-choice batches and losses, as the T0 few-shot preset trains) from the same starting
 weights, then evaluated by rank classification on ``--eval_examples`` examples. The datasets:
 RTE, CB, COPA, WiC, WSC and BoolQ, evaluated on the first examples of their SuperGLUE validation
-sets (first original-task template), and Winogrande and StoryCloze, which have no evaluation set
+sets (first original-task template), and Winogrande and ANLI R1, which have no evaluation set
 here, evaluated on the first examples of another few-shot seed's split (1024; the files of two
 seeds may share examples). Training examples: the few-shot split of seed 0, a template drawn per
 example (``finetune_speed.render_fewshot``).
@@ -54,10 +54,10 @@ import numpy as np  # noqa: E402
 
 NAME = "fewshot_job"
 SUPERGLUE = ("rte", "cb", "copa", "wic", "wsc", "boolq")
-FEWSHOT_EVAL = ("winogrande", "storycloze")  # evaluated on another seed's few-shot split
+FEWSHOT_EVAL = ("winogrande", "anli_r1")  # evaluated on another seed's few-shot split
 EVAL_SEED = 1024
 DATASETS = SUPERGLUE + FEWSHOT_EVAL
-BATCH = 8
+BATCH = 8  # examples per task and step (--batch)
 EVAL_BATCH = 16
 
 
@@ -109,7 +109,8 @@ def write_checkpoint(out: pathlib.Path, shape: str) -> None:
 # Ours: one vmapped program for every task.
 
 
-def _train_batches(job, vocab, steps: int, n_choices: int) -> list[dict[str, np.ndarray]]:
+def _train_batches(job, vocab, steps: int, n_choices: int, batch: int = BATCH
+                   ) -> list[dict[str, np.ndarray]]:
   """Per step, the 8 tasks' T-Few batches stacked [T, B*C, L], cut to length buckets."""
   from benchmarks import finetune_speed
   from mhr_jax import length_buckets
@@ -121,8 +122,8 @@ def _train_batches(job, vocab, steps: int, n_choices: int) -> list[dict[str, np.
   for i in range(steps):
     rows = []
     for examples in per_task:
-      start = (i * BATCH) % len(examples)
-      part = (examples + examples)[start:start + BATCH]
+      start = (i * batch) % len(examples)
+      part = (examples + examples)[start:start + batch]
       rows.append(finetune_speed.choice_batch(part, vocab, 0, n_choices))
     stacked = {k: np.stack([r[k] for r in rows]) for k in keys}  # T x [B*C, L] -> [T, B*C, L]
     out.append(length_buckets.trim(stacked, finetune_speed.BUCKETS))
@@ -144,7 +145,7 @@ def run_ours(args, marks: Marks) -> dict[str, Any]:
   job = json.loads(pathlib.Path(args.job).read_text())
   vocab = vocab_lib.resolve(None, pathlib.Path(args.data_dir) / "tokenizer" / "spiece.model")
   n_choices = max(len(r["answer_choices"]) for d in job.values() for r in d["train"])
-  batches = _train_batches(job, vocab, args.steps, n_choices)
+  batches = _train_batches(job, vocab, args.steps, n_choices, args.batch)
   evals = {d: eval_speed.tokenize_eval(job[d]["eval"], vocab) for d in job}
   marks("data")
   model = eval_speed.build_ours(args.shape, eval_speed.Adapters(n_tasks=1),
@@ -226,8 +227,8 @@ def run_peft(args, marks: Marks) -> dict[str, Any]:
     examples = train[name]
     c = max(len(e["answer_choices"]) for e in examples)
     for i in range(args.steps):
-      start = (i * BATCH) % len(examples)
-      part = (examples + examples)[start:start + BATCH]
+      start = (i * args.batch) % len(examples)
+      part = (examples + examples)[start:start + args.batch]
       last_loss[name] = trainer.step(trainer.prepare(part, sp, 0, c))
     t2 = time.perf_counter()
     model.eval()
@@ -261,7 +262,7 @@ def _run_child(args, side: str, work: pathlib.Path, cache_dir: str, tag: str) ->
   result = work / f"{tag}.json"
   cmd = [sys.executable, "-m", f"benchmarks.{NAME}", "--side", side, "--job",
          str(work / "job.json"), "--checkpoint", str(work / "checkpoint"), "--data_dir",
-         args.data_dir, "--steps", str(args.steps), "--shape", args.shape, "--cache_dir",
+         args.data_dir, "--steps", str(args.steps), "--batch", str(args.batch), "--shape", args.shape, "--cache_dir",
          cache_dir, "--result", str(result), "--core", str(args.core)]
   cmd += ["--all_cores"] if args.all_cores else []
   load = os.getloadavg()
@@ -290,7 +291,7 @@ def drive(args) -> list[dict]:
       records.append(_run_child(args, "ours", work, str(cache), f"ours_warm_{r}"))
       records.append(_run_child(args, "peft", work, "off", f"peft_{r}"))
   for rec in records:
-    rec.update(steps=args.steps, batch=BATCH, eval_examples=args.eval_examples,
+    rec.update(steps=args.steps, batch=args.batch, eval_examples=args.eval_examples,
                datasets=list(args.datasets), shape=args.shape)
   return records
 
@@ -320,6 +321,7 @@ def main(argv=None) -> int:
   parser = finetune_speed.common_parser(__doc__, NAME, DATASETS)
   parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps per task")
   parser.add_argument("--eval_examples", type=int, default=16, help="per task")
+  parser.add_argument("--batch", type=int, default=BATCH, help="examples per task and step")
   parser.add_argument("--repeats", type=int, default=1)
   for flag in ("--side", "--job", "--checkpoint", "--cache_dir", "--result"):
     parser.add_argument(flag, help=argparse.SUPPRESS)  # a child process's

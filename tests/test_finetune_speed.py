@@ -40,7 +40,7 @@ def test_peft_tfew_step_computes_our_tfew_loss(shared_data):
 
 def test_job_batches_stack_the_tasks_and_cut_to_buckets(shared_data):
   """The vmapped side's step batches: [tasks, examples x choices, L], L a bucket."""
-  job = fewshot_job.render_job(shared_data, ("rte", "cb", "winogrande"), eval_examples=3)
+  job = fewshot_job.render_job(shared_data, ("rte", "cb", "anli_r1"), eval_examples=3)
   assert [len(job[d]["eval"]) for d in job] == [3, 3, 3]
   assert all(len(job[d]["train"]) >= 32 for d in job)
   vocab = finetune_speed.vocabulary(shared_data)
@@ -51,7 +51,7 @@ def test_job_batches_stack_the_tasks_and_cut_to_buckets(shared_data):
     assert (t, rows) == (3, fewshot_job.BATCH * 3)
     assert li in finetune_speed.BUCKETS["inputs"]
     assert b["decoder_target_tokens"].shape[-1] in finetune_speed.BUCKETS["targets"]
-    # RTE and Winogrande have 2 choices: their third row of every example is padding.
+    # RTE has 2 choices: their third row of every example is padding.
     assert b["decoder_loss_weights"][0, 2::3].sum() == 0
     assert b["decoder_loss_weights"][1, 2::3].sum() > 0
 
