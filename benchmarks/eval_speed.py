@@ -51,8 +51,8 @@ import numpy as np
 
 from benchmarks import configs
 
-# The T5 v1.1 small shape (T0 / Super-NI), and the tiny one for the modules' tests.
-SHAPES = {k: configs.SHAPES[k] for k in ("tiny", "small")}
+# The T5 v1.1 small shape (T0 / Super-NI), its 2 + 2-layer cut (small2) and the tiny shape (tests).
+SHAPES = {k: configs.SHAPES[k] for k in ("tiny", "small2", "small")}
 # Adapters of the T0 setting: every attention projection and the gated MLP.
 TARGETS = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")
 
