@@ -130,6 +130,30 @@ def _train_batches(job, vocab, steps: int, n_choices: int, batch: int = BATCH
   return out
 
 
+def padded_tokens(job, vocab, steps: int, batch: int) -> dict[str, int]:
+  """Token positions the training steps run, encoder + decoder: ours (the 8 tasks' batches
+  stacked, padded to the most choices of any task and to the length buckets of the longest),
+  PEFT (each task's batch padded to its own longest input and choice), and the real tokens."""
+  from benchmarks import finetune_speed
+
+  n_choices = max(len(r["answer_choices"]) for d in job.values() for r in d["train"])
+  ours = real = 0
+  for b in _train_batches(job, vocab, steps, n_choices, batch):
+    enc = b["encoder_input_tokens"][:, ::n_choices]  # [T, B*C, Li] -> [T, B, Li]
+    ours += enc.size + b["decoder_target_tokens"].size
+    real += int((enc > 0).sum() + (b["decoder_target_tokens"] > 0).sum())
+  peft = 0
+  for d in job:
+    examples = finetune_speed.tokenize(job[d]["train"], vocab, d)
+    c = max(len(e["answer_choices"]) for e in examples)
+    for i in range(steps):
+      start = (i * batch) % len(examples)
+      part = (examples + examples)[start:start + batch]
+      choice_len = max(len(vocab.encode(ch)) + 1 for e in part for ch in e["answer_choices"])
+      peft += len(part) * (max(len(e["inputs"]) for e in part) + c * choice_len)
+  return {"ours": ours, "peft": peft, "real": real}
+
+
 def run_ours(args, marks: Marks) -> dict[str, Any]:
   """Fine-tunes every task in one vmapped program, then scores each task's copy."""
   import jax
