@@ -26,9 +26,9 @@ Each side is one process, timed by this driver from its start to its results fil
          (``eval_speed.peft_passes``' ``peft_tfew``: encoder once per input, decoder per choice).
 
 Both start from one checkpoint that the driver writes first (untimed): a random T5 v1.1
-small-shaped backbone saved by transformers (``save_pretrained``), read by ours as
-``ModelConfig.hf_checkpoint`` reads it and by PEFT with ``from_pretrained``; Poly adapters (K = 8,
-rank 1, the T0 layers) on both, each side initialising its own. The prompts are rendered by the
+small-shaped backbone (``--shape``: small, small2 with 2 + 2 layers, tiny for the tests) saved
+by transformers (``save_pretrained``), read by ours as ``ModelConfig.hf_checkpoint`` reads it
+and by PEFT with ``from_pretrained``; Poly adapters (K = 8, rank 1, the T0 layers) on both, each side initialising its own. The prompts are rendered by the
 driver (untimed) into a JSON file; each side tokenizes them itself (ours with the library's seqio
 vocabulary, PEFT with sentencepiece on the same T5 model file). AdamW lr 1e-3, weight decay 0.01
 on both sides. Each process records where its time went (imports, data, model, first step,
@@ -160,7 +160,7 @@ def run_ours(args, marks: Marks) -> dict[str, Any]:
   import optax
   from flax import nnx
 
-  from benchmarks import eval_speed
+  from benchmarks import eval_speed, finetune_speed
   from mhr_jax import adapters, compilation_cache, hf_import, models, sharding, steps
   from tasks import vocab as vocab_lib
 
@@ -177,7 +177,7 @@ def run_ours(args, marks: Marks) -> dict[str, Any]:
   hf_import.assign_backbone(model, hf_import.hf_to_params(
       model.config, hf_import.read_safetensors_dir(args.checkpoint)))
   graphdef, trainable, frozen = steps.split_model(model, adapters.trainable_filter("poly"))
-  tx = optax.adamw(finetune_lr(), weight_decay=0.01)
+  tx = optax.adamw(finetune_speed.LEARNING_RATE, weight_decay=0.01)
   loss = adapters.single_task_loss(
       lambda m, b: models.tfew_loss_fn(m, b, n_choices, deterministic=False))
   mesh = sharding.make_mesh(sharding.MeshConfig())
@@ -191,7 +191,8 @@ def run_ours(args, marks: Marks) -> dict[str, Any]:
   key = jax.random.key(0)
   losses = []
   for i, batch in enumerate(batches):
-    stacked, opt_state, metrics = step(stacked, frozen, opt_state, batch, jax.random.fold_in(key, i))
+    stacked, opt_state, metrics = step(stacked, frozen, opt_state, batch,
+                                       jax.random.fold_in(key, i))
     losses.append(metrics["loss"])
     if i == 0:
       jax.block_until_ready(metrics)
@@ -207,12 +208,6 @@ def run_ours(args, marks: Marks) -> dict[str, Any]:
   marks("eval")
   return {"accuracy": accuracy, "first_loss": losses[0].tolist(),
           "last_loss": losses[-1].tolist()}
-
-
-def finetune_lr() -> float:
-  from benchmarks import finetune_speed
-
-  return finetune_speed.LEARNING_RATE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,8 +281,8 @@ def _run_child(args, side: str, work: pathlib.Path, cache_dir: str, tag: str) ->
   result = work / f"{tag}.json"
   cmd = [sys.executable, "-m", f"benchmarks.{NAME}", "--side", side, "--job",
          str(work / "job.json"), "--checkpoint", str(work / "checkpoint"), "--data_dir",
-         args.data_dir, "--steps", str(args.steps), "--batch", str(args.batch), "--shape", args.shape, "--cache_dir",
-         cache_dir, "--result", str(result), "--core", str(args.core)]
+         args.data_dir, "--steps", str(args.steps), "--batch", str(args.batch), "--shape",
+         args.shape, "--cache_dir", cache_dir, "--result", str(result), "--core", str(args.core)]
   cmd += ["--all_cores"] if args.all_cores else []
   load = os.getloadavg()
   t = time.perf_counter()

@@ -9,10 +9,11 @@ vocabulary, inputs cut at 256 tokens. The T0 few-shot preset trains with ``loss 
 every batch is a T-Few multiple-choice batch (``choices.multiple_choice_rows``: each example
 repeated once per answer choice) and the loss is LM + length-normalised MC + unlikelihood.
 
-Both sides hold the same T5 v1.1 small-shaped backbone (random weights; speed does not depend on
-them) with Poly adapters (K = 8, rank 1, on the T0 layers), each dataset its own task id, the
-routing sampling relaxed-Bernoulli noise in training on both sides, AdamW (lr 1e-3, weight
-decay 0.01) over the adapters and routing. Per pass (the first ``--batches`` batches of 8 examples
+Both sides hold the same T5 v1.1 small-shaped backbone (``--shape``: small, its 2 + 2-layer cut
+small2, tiny for the tests; random weights, speed does not depend on them) with Poly adapters
+(K = 8, rank 1, on the T0 layers), each dataset its own task id, the routing sampling
+relaxed-Bernoulli noise in training on both sides, AdamW (lr 1e-3, weight decay 0.01) over the
+adapters and routing. Per pass (the first ``--batches`` batches of 8 examples
 of every dataset), in turn in one process:
 
   ours_fixed    the library's train step (``steps.make_train_step`` of ``models.tfew_loss_fn``)
@@ -32,6 +33,7 @@ and warm (a second process, ``--first_step_only``, reading the same folder).
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import subprocess
 import sys
@@ -98,7 +100,8 @@ def vocabulary(data_dir: pathlib.Path):
 
 def choice_batch(examples: Sequence[dict], vocab, task_id: int, n_choices: int,
                  lengths: dict[str, int] = LENGTHS) -> dict[str, np.ndarray]:
-  """The T-Few batch of ``examples`` (``choices.multiple_choice_rows``) at fixed lengths."""
+  """The T-Few batch of ``examples`` (``choices.multiple_choice_rows``) at fixed lengths, every
+  row with routing id ``task_id`` (the examples' task named the table's ``task_id``-th)."""
   from mhr_jax import choices, data
 
   names = [f"task{i}" for i in range(task_id + 1)]
@@ -290,8 +293,6 @@ def warm_first_steps(args, cache_dir: str) -> dict[str, Any]:
   cmd += ["--all_cores"] if args.all_cores else []
   t = time.perf_counter()
   done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-  import json
-
   result = json.loads(done.stdout.strip().splitlines()[-1])
   return {"first_step_s": result, "process_s": time.perf_counter() - t}
 
@@ -371,8 +372,6 @@ def main(argv=None) -> int:
     if args.first_step_only:
       data_dir = pathlib.Path(args.data_dir)
       examples = {d: load_fewshot(data_dir, d) for d in args.datasets}
-      import json
-
       print(json.dumps(first_steps(examples, vocabulary(data_dir), args.batches, args.shape)))
       return 0
     records = measure(args, cache_dir)
