@@ -28,8 +28,9 @@ Each side is one process, timed by this driver from its start to its results fil
 Both start from one checkpoint that the driver writes first (untimed): a random T5 v1.1
 small-shaped backbone (``--shape``: small, small2 with 2 + 2 layers, tiny for the tests) saved
 by transformers (``save_pretrained``), read by ours as ``ModelConfig.hf_checkpoint`` reads it
-and by PEFT with ``from_pretrained``; Poly adapters (K = 8, rank 1, the T0 layers) on both, each side initialising its own. The prompts are rendered by the
-driver (untimed) into a JSON file; each side tokenizes them itself (ours with the library's seqio
+and by PEFT with ``from_pretrained``; Poly adapters (K = 8, rank 1, the T0 layers) on both,
+each side initialising its own. The prompts are rendered by the driver (untimed) into a JSON
+file; each side tokenizes them itself (ours with the library's seqio
 vocabulary, PEFT with sentencepiece on the same T5 model file). AdamW lr 1e-3, weight decay 0.01
 on both sides. Each process records where its time went (imports, data, model, first step,
 train, evaluation).
