@@ -15,6 +15,7 @@ embedded tokens (and, in ``network``, every layer's input) by (batch, length, em
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Optional, Protocol
 
@@ -65,12 +66,64 @@ def param(init_fn, key, shape, param_dtype, logical_axes) -> nnx.Param:
   return nnx.Param(init_fn(key, shape, param_dtype), logical_axes=tuple(logical_axes))
 
 
+def _einsum_f32(spec: str, a: Array, b: Array) -> Array:
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def accumulating_einsum(spec: str, a: Array, b: Array) -> Array:
+  """``einsum(spec, a, b)`` of two same-dtype operands, accumulated and returned in float32 (
+  ``preferred_element_type``), then cast back to the operands' dtype; its backward pass does the
+  same for both operand gradients (a bfloat16 cotangent in, bfloat16 operands, float32 out).
+
+  Plain autodiff of a float32-output dot would hand the transposed dots a float32 cotangent
+  and a bfloat16 operand, which XLA runs as float32 dots. Every index of an operand must appear
+  in the other operand or the output (no index summed within one operand).
+  """
+  return _einsum_f32(spec, a, b).astype(a.dtype)
+
+
+def _accumulating_einsum_fwd(spec, a, b):
+  return accumulating_einsum(spec, a, b), (a, b)
+
+
+def _accumulating_einsum_bwd(spec, res, g):
+  a, b = res
+  operands, out = spec.split("->")
+  sa, sb = operands.split(",")
+  # d/da: [out] x [b] -> [a]; d/db: [out] x [a] -> [b] (each a plain einsum of the cotangent).
+  da = _einsum_f32(f"{out},{sb}->{sa}", g.astype(a.dtype), b).astype(a.dtype)
+  db = _einsum_f32(f"{out},{sa}->{sb}", g.astype(b.dtype), a).astype(b.dtype)
+  return da, db
+
+
+accumulating_einsum.defvjp(_accumulating_einsum_fwd, _accumulating_einsum_bwd)
+
+
 @dataclasses.dataclass(frozen=True)
 class Precision:
-  """Compute dtype for activations and matmuls, storage dtype for parameters."""
+  """Compute dtype for activations and matmuls, storage dtype for parameters.
+
+  ``f32_accumulation``: with a compute dtype below float32, the dense layers' matmuls (every
+  projection, the MLP and the output head) accumulate and return float32
+  (``accumulating_einsum``, forward and backward) before the cast back to the compute dtype. On
+  XLA:CPU this is what runs bfloat16 matmuls on the CPU's bfloat16 dot units (about 2x
+  float32's rate with avx512_bf16, docs/bf16_cpu.md); a bfloat16-output dot runs as a float32
+  dot there. On accelerators the matmul units accumulate in float32 either way. The attention's
+  batched einsums stay as they are: XLA:CPU (jaxlib 0.10) leaves some of their backward dots to
+  its own dot kernel, which has no bfloat16 x bfloat16 -> float32 form (UNIMPLEMENTED at run
+  time). False: plain dots in the compute dtype.
+  """
 
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
+  f32_accumulation: bool = True
+
+  def einsum(self, spec: str, a: Array, b: Array) -> Array:
+    """``einsum(spec, a, b)`` of two operands already in the compute dtype."""
+    if self.f32_accumulation and jnp.dtype(self.dtype).itemsize < 4:
+      return accumulating_einsum(spec, a, b)
+    return jnp.einsum(spec, a, b)
 
 
 class Dense(nnx.Module):
@@ -94,13 +147,14 @@ class Dense(nnx.Module):
     self.kernel = param(init, rngs.params(), (in_dim, out_dim), precision.param_dtype, kernel_axes)
     self.adapter = adapter
     self.dtype = precision.dtype
+    self.precision = precision
     self.in_dim = in_dim
     self.out_dim = out_dim
 
   def __call__(self, x: Array, task_ids: Optional[Array] = None, *, deterministic: bool = True):
     x = x.astype(self.dtype)
     # [..., D] x [D, O] -> [..., O]
-    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    y = self.precision.einsum("...d,do->...o", x, self.kernel[...].astype(self.dtype))
     if self.adapter is not None:
       y = y + self.adapter(x, task_ids, deterministic=deterministic).astype(self.dtype)
     return y

@@ -46,6 +46,8 @@ class T5Config:
   scale_decoder_outputs: bool = False  # multiply by d_model**-0.5 before the head (T5 v1.0)
   dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
   param_dtype: str = "float32"
+  # Matmuls below float32 accumulate and return float32 before the cast back (layers.Precision).
+  f32_accumulation: bool = True
 
   def __post_init__(self):
     if self.feed_forward_proj not in ("relu", "gated-gelu"):
@@ -58,7 +60,7 @@ class T5Config:
 
   @property
   def precision(self) -> Precision:
-    return Precision(jnp.dtype(self.dtype), jnp.dtype(self.param_dtype))
+    return Precision(jnp.dtype(self.dtype), jnp.dtype(self.param_dtype), self.f32_accumulation)
 
   @property
   def layer_dims(self) -> LayerDims:
