@@ -29,6 +29,7 @@ SHAPES["small2"] = dict(SHAPES["small"], num_layers=2)
 NONE = "none"
 METHODS = (NONE, "lora", "poly", "mhr")
 ADAPTED = ("q", "k", "v", "o")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,10 @@ class StepConfig:
       runs); ``"dense"`` / ``"rows"``: the trainer's optimizer with that
       ``OptimizerConfig.routing_update`` (``optimizers.make_optimizer``, or ``row_sparse``'s
       optimizer and step for ``"rows"``), no clipping, constant learning rate.
+    dtype: the compute dtype: ours ``T5Config.dtype`` (parameters stay float32); PEFT's step
+      under ``torch.autocast(dtype=...)`` when not float32.
+    f32_accumulation: ours ``T5Config.f32_accumulation`` (matmuls below float32 accumulate and
+      return float32 before the cast back).
   """
 
   shape: str = "small"
@@ -63,12 +68,16 @@ class StepConfig:
   single_task: bool = False
   routing_noise: bool = True
   routing_update: str = ""
+  dtype: str = "float32"
+  f32_accumulation: bool = True
 
   def __post_init__(self):
     if self.shape not in SHAPES:
       raise ValueError(f"unknown shape {self.shape!r}; known: {sorted(SHAPES)}")
     if self.method not in METHODS:
       raise ValueError(f"unknown method {self.method!r}; known: {METHODS}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"unknown dtype {self.dtype!r}; known: {DTYPES}")
 
   @property
   def tokens(self) -> int:
@@ -89,14 +98,16 @@ class StepConfig:
     return self.n_splits if self.routed and not self.mode.single_split else 1
 
   def label(self) -> str:
-    """A short name of the adapter set-up, e.g. ``mhr_k8_s8_r8``, ``poly_k8_r8``, ``lora_r8``."""
+    """A short name of the adapter set-up, e.g. ``mhr_k8_s8_r8``, ``poly_k8_r8``, ``lora_r8``;
+    ``_bf16`` added for bfloat16 compute (``_bf16out`` without float32 accumulation)."""
+    dtype = "" if self.dtype == "float32" else "_bf16" + ("" if self.f32_accumulation else "out")
     if self.mode is None:
-      return self.method
+      return self.method + dtype
     if not self.routed:
-      return f"{self.method}_r{self.rank}"
+      return f"{self.method}_r{self.rank}{dtype}"
     heads = "" if self.mode.single_split else f"_s{self.n_splits}"
     suffix = f"_{self.routing_update}" if self.routing_update else ""
-    return f"{self.method}_k{self.n_skills}{heads}_r{self.rank}{suffix}"
+    return f"{self.method}_k{self.n_skills}{heads}_r{self.rank}{suffix}{dtype}"
 
   def record(self) -> dict[str, Any]:
     """The configuration as it goes into a result record (with its label)."""

@@ -50,7 +50,8 @@ def adapter_config(cfg: StepConfig) -> adapters.AdapterConfig:
 
 def build_ours(cfg: StepConfig, seed: int = 0) -> tuple[network.T5, Any]:
   """Our model for ``cfg`` and the filter of what trains."""
-  t5cfg = network.T5Config(**SHAPES[cfg.shape], dropout_rate=0.0)
+  t5cfg = network.T5Config(**SHAPES[cfg.shape], dropout_rate=0.0, dtype=cfg.dtype,
+                           f32_accumulation=cfg.f32_accumulation)
   if cfg.mode is None:
     return network.T5(t5cfg, rngs=nnx.Rngs(seed)), _none_filter
   acfg = adapter_config(cfg)

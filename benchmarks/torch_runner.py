@@ -1,6 +1,7 @@
 """PEFT's side: Hugging Face T5 with PEFT's Poly or LoRA tuner (or no adapter), one train step
 of forward, backward and ``torch.optim.AdamW`` (lr 1e-3, weight decay 0.01) over the trainable
-parameters, on CUDA when torch sees a GPU, else on the CPU."""
+parameters, on CUDA when torch sees a GPU, else on the CPU; the forward under ``torch.autocast``
+when the step's ``dtype`` is bfloat16."""
 
 from __future__ import annotations
 
@@ -91,10 +92,15 @@ def peft_runner(cfg: StepConfig, threads: Optional[int] = None,
   dev = device()
   inputs, targets, task_ids = (torch.from_numpy(x).long().to(dev) for x in make_batch_np(cfg))
   kwargs = {"task_ids": task_ids} if cfg.routed else {}
+  # bfloat16 compute as PyTorch mixed precision runs it: autocast around forward and loss, the
+  # parameters and optimizer in float32.
+  autocast = torch.autocast(dev.type, dtype=getattr(torch, cfg.dtype),
+                            enabled=cfg.dtype != "float32")
 
   def run(i):
     del i
-    out = model(input_ids=inputs, labels=targets, **kwargs)
+    with autocast:
+      out = model(input_ids=inputs, labels=targets, **kwargs)
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
