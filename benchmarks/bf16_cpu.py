@@ -16,7 +16,8 @@ candidates of each part called in turn, round after round (``eval_speed.interlea
            dots, and PEFT in float32 and under ``torch.autocast('cpu', torch.bfloat16)``.
   exact    per framework, the bfloat16 step's loss and trainable-parameter gradient against its
            own float32 step at the same weights and batch (relative L2 error, cosine), and the
-           losses of a few optimizer steps (no routing noise: the runs differ only by dtype).
+           losses of a few optimizer steps (no routing noise: the runs differ only by dtype);
+           Poly only by default (``--exact_methods``), as each variant compiles once more.
 
 Writes ``<out>/bf16_cpu.jsonl`` (a header with the command, date, CPU model and flags, load
 and versions, then one record per figure) and ``<out>/bf16_cpu.md`` (the tables).
@@ -138,19 +139,20 @@ VARIANTS = (Variant("ours"), Variant("ours", "bfloat16"), Variant("ours", "bfloa
             Variant("peft"), Variant("peft", "bfloat16"))
 
 
-def step_configs(shape: str, quick: bool):
-  """Poly and MHR step configurations (T0's rank 1) at ``shape``, float32."""
+def step_configs(shape: str, quick: bool, methods: tuple[str, ...] = ("poly", "mhr")):
+  """Poly (S = 1) and MHR (S = 8) step configurations (T0's rank 1) at ``shape``, float32."""
   from benchmarks.configs import StepConfig  # noqa: PLC0415
   size = dict(batch=2, in_len=16, tgt_len=8) if quick else dict(batch=8, in_len=128, tgt_len=32)
-  return [StepConfig(shape=shape, method="poly", n_splits=1, rank=1, n_tasks=8, **size),
-          StepConfig(shape=shape, method="mhr", n_splits=8, rank=1, n_tasks=8, **size)]
+  return [StepConfig(shape=shape, method=m, n_splits=1 if m == "poly" else 8, rank=1, n_tasks=8,
+                     **size) for m in methods]
 
 
-def measure_steps(shape: str, rounds: int, quick: bool) -> list[dict[str, Any]]:
+def measure_steps(shape: str, rounds: int, quick: bool,
+                  methods: tuple[str, ...] = ("poly", "mhr")) -> list[dict[str, Any]]:
   """Step times of every variant of each configuration, in turn (``timing.in_turn``)."""
   from benchmarks import jax_runner, timing, torch_runner  # noqa: PLC0415
   records = []
-  for base in step_configs(shape, quick):
+  for base in step_configs(shape, quick, methods):
     caches: dict[str, dict] = {"ours": {}, "peft": {}}
     runs = []
     for v in VARIANTS:
@@ -176,34 +178,37 @@ def _compare(g: Any, ref: Any) -> dict[str, float]:
 
 
 def ours_exactness(cfg, n_steps: int) -> list[dict[str, Any]]:
-  """Ours: each variant's losses over ``n_steps`` steps from one init, then every variant's
-  loss and gradient at the float32 run's final trainable state."""
+  """Ours: each variant's losses over ``n_steps`` AdamW steps from one init (the loss before
+  each update), then every variant's loss and gradient at the float32 run's end state. One
+  compiled gradient per variant; the update (optax AdamW, as ``jax_runner``'s) runs eagerly."""
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
+  import optax  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
   from benchmarks import jax_runner  # noqa: PLC0415
-  from mhr_jax import models  # noqa: PLC0415
+  from mhr_jax import models, steps  # noqa: PLC0415
   out, state, grads = [], None, {}
   variants = [v for v in VARIANTS if v.impl == "ours"]
   for v in variants:
     c = dataclasses.replace(cfg, dtype=v.dtype, f32_accumulation=v.f32_accumulation,
                             routing_noise=False)
-    s = jax_runner.ours_step(c)
-    step = jax.jit(s.train_step)
-    t, o, losses = s.trainable, s.opt_state, []
-    for i in range(n_steps):
-      t, o, metrics = step(t, s.frozen, o, s.batch, jax.random.key(i))
-      losses.append(float(metrics["loss"]))
-    if state is None:  # the float32 variant comes first: its end state is where grads are taken
-      state = t
-    model, _ = jax_runner.build_ours(c)
-    graphdef = nnx.split(model)[0]
+    graphdef, trainable, frozen = steps.split_model(*jax_runner.build_ours(c))
+    batch = jax_runner.make_batch(c)
 
-    def loss(trainable, graphdef=graphdef, frozen=s.frozen, batch=s.batch):
-      m = nnx.merge(graphdef, trainable, frozen, copy=True)
+    def loss(t, graphdef=graphdef, frozen=frozen, batch=batch):
+      m = nnx.merge(graphdef, t, frozen, copy=True)
       return models.loss_fn(m, batch, deterministic=True)[0]
 
-    value, g = jax.jit(jax.value_and_grad(loss))(state)
+    grad_fn = jax.jit(jax.value_and_grad(loss))
+    tx = optax.adamw(1e-3, weight_decay=0.01)
+    t, opt, losses = trainable, tx.init(trainable), []
+    for _ in range(n_steps):
+      value, g = grad_fn(t)
+      losses.append(float(value))
+      updates, opt = tx.update(g, opt, t)
+      t = optax.apply_updates(t, updates)
+    state = t if state is None else state  # float32 comes first: grads are taken at its end
+    value, g = grad_fn(state)
     grads[v.name] = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
     out.append({"part": "exact", "config": cfg.label(), "variant": v.name, "losses": losses,
                 "loss_at_ref": float(value)})
@@ -288,6 +293,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--rounds", type=int, default=5, help="timed rounds of each part")
   parser.add_argument("--exact_steps", type=int, default=5, help="optimizer steps compared")
   parser.add_argument("--parts", default="matmul,step,exact", help="a subset of the parts")
+  parser.add_argument("--methods", default="poly,mhr", help="the steps' adapters (poly, mhr)")
+  parser.add_argument("--exact_methods", default="poly", help="the adapters of 'exact'")
   parser.add_argument("--quick", action="store_true",
                       help="tiny shapes and sizes (a smoke test; the figures mean nothing)")
   parser.add_argument("--core", type=int, default=0, help="the one core everything runs on")
@@ -304,9 +311,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     sizes = [64] if args.quick else [int(n) for n in args.sizes.split(",")]
     records += measure_matmuls(sizes, args.rounds)
   if "step" in parts:
-    records += measure_steps(shape, args.rounds, args.quick)
+    records += measure_steps(shape, args.rounds, args.quick, tuple(args.methods.split(",")))
   if "exact" in parts:
-    for cfg in step_configs(shape, args.quick):
+    for cfg in step_configs(shape, args.quick, tuple(args.exact_methods.split(","))):
       records += ours_exactness(cfg, args.exact_steps) + peft_exactness(cfg, args.exact_steps)
   table = tables(records)
   eval_speed.write_records(pathlib.Path(args.out), "bf16_cpu", records, table)
