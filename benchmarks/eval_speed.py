@@ -107,12 +107,12 @@ def machine_info() -> dict[str, Any]:
 
 
 def write_records(out: pathlib.Path, name: str, records: list[dict[str, Any]],
-                  table: str) -> None:
+                  table: str, module: Optional[str] = None) -> None:
   """``<out>/<name>.jsonl`` (a header line with the command and machine, then the records) and
-  ``<out>/<name>.md`` (the table)."""
+  ``<out>/<name>.md`` (the table); the command is ``python -m benchmarks.<module or name>``."""
   out.mkdir(parents=True, exist_ok=True)
   header = {"command": " ".join([os.path.basename(sys.executable), "-m",
-                                 f"benchmarks.{name}", *sys.argv[1:]]),
+                                 f"benchmarks.{module or name}", *sys.argv[1:]]),
             "machine": machine_info()}
   with open(out / f"{name}.jsonl", "w") as f:
     for rec in [header, *records]:
@@ -406,11 +406,22 @@ def peft_passes(model, examples, task_id: int, batch: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def measure(data_dir: pathlib.Path, max_examples: int, batch: int, rounds: int) -> list[dict]:
+def input_buckets(examples, batch: int) -> list[int]:
+  """The input bucket of each batch as ``ours_shared_buckets`` forms them: the examples in order
+  of input length, ``batch`` at a time, each batch at the bucket of its longest input."""
+  lengths = sorted(len(e["inputs"]) for e in examples)
+  return [next(b for b in BUCKETS["inputs"] if b >= max(lengths[i:i + batch]))
+          for i in range(0, len(lengths), batch)]
+
+
+def measure(data_dir: pathlib.Path, max_examples: int, batch: int, rounds: int,
+            datasets: tuple[str, ...] = DATASETS) -> list[dict]:
   ours = build_ours("small", ADAPTERS)
   peft_model = build_peft(ours, ADAPTERS)
   records = []
   for task_id, name in enumerate(DATASETS):
+    if name not in datasets:
+      continue
     examples = load_examples(data_dir, name, max_examples)
     fns = {**ours_passes(ours, examples, task_id, batch),
            **peft_passes(peft_model, examples, task_id, batch)}
@@ -419,6 +430,8 @@ def measure(data_dir: pathlib.Path, max_examples: int, batch: int, rounds: int) 
     n = len(examples)
     rec = {"dataset": name, "n_examples": n, "n_choices": max(len(e["choices"]) for e in examples),
            "mean_input_tokens": float(np.mean([len(e["inputs"]) for e in examples])),
+           "max_input_tokens": max(len(e["inputs"]) for e in examples),
+           "batch": batch, "batch_input_buckets": input_buckets(examples, batch),
            "pass_s": {k: median(v) for k, v in times.items()},
            "all_pass_s": times,
            "agreement_with_peft_tfew": {k: float(np.mean(p == preds["peft_tfew"]))
@@ -462,15 +475,22 @@ def main(argv=None) -> int:
   parser.add_argument("--max_examples", type=int, default=32, help="per dataset")
   parser.add_argument("--batch", type=int, default=16, help="examples per batch")
   parser.add_argument("--rounds", type=int, default=2, help="timed passes per variant")
+  parser.add_argument("--datasets", default=",".join(DATASETS),
+                      help=f"comma-separated subset of {','.join(DATASETS)}")
+  parser.add_argument("--name", default=NAME, help="the record files' name in --out")
   parser.add_argument("--out", default="docs/bench/evaluation_speed")
   parser.add_argument("--all_cores", action="store_true",
                       help="do not pin the process to one core (see pin_to_one_core)")
   args = parser.parse_args(argv)
+  datasets = tuple(args.datasets.split(","))
+  if set(datasets) - set(DATASETS):
+    parser.error(f"unknown datasets {sorted(set(datasets) - set(DATASETS))}; known: {DATASETS}")
   if not args.all_cores:
     pin_to_one_core()
-  records = measure(pathlib.Path(args.data_dir), args.max_examples, args.batch, args.rounds)
+  records = measure(pathlib.Path(args.data_dir), args.max_examples, args.batch, args.rounds,
+                    datasets)
   text = table(records)
-  write_records(pathlib.Path(args.out), NAME, records, text)
+  write_records(pathlib.Path(args.out), args.name, records, text, module=NAME)
   print(text)
   return 0
 
