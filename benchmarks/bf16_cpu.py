@@ -299,6 +299,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                       help="tiny shapes and sizes (a smoke test; the figures mean nothing)")
   parser.add_argument("--core", type=int, default=0, help="the one core everything runs on")
   parser.add_argument("--out", default="docs/bench/bf16_cpu")
+  parser.add_argument("--name", default="bf16_cpu", help="the record files' name in --out")
   args = parser.parse_args(argv)
   eval_speed.pin_to_one_core(args.core)
   parts = set(args.parts.split(","))
@@ -316,7 +317,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for cfg in step_configs(shape, args.quick, tuple(args.exact_methods.split(","))):
       records += ours_exactness(cfg, args.exact_steps) + peft_exactness(cfg, args.exact_steps)
   table = tables(records)
-  eval_speed.write_records(pathlib.Path(args.out), "bf16_cpu", records, table)
+  eval_speed.write_records(pathlib.Path(args.out), args.name, records, table, module="bf16_cpu")
   print(table)
   return 0
 
