@@ -192,10 +192,10 @@ class _Decoder:
     return reorder_cache(state, rows) if self.use_cache else state
 
 
-@functools.partial(nnx.jit, static_argnames=("max_decode_len", "use_cache"))
+@functools.partial(nnx.jit, static_argnames=("max_decode_len", "use_cache", "eos_id"))
 def greedy_decode(
     model: T5, encoder_input_tokens: Array, task_ids: Optional[Array], max_decode_len: int, *,
-    use_cache: bool = True,
+    use_cache: bool = True, eos_id: int = EOS_ID,
 ) -> Array:
   """Greedy decoding, each row stopping at EOS (later positions PAD), the loop once all have;
   compiled.
@@ -209,6 +209,8 @@ def greedy_decode(
     task_ids: [B] int32 adapter task ids, or None.
     max_decode_len: number of tokens generated (static).
     use_cache: decode incrementally with a KV cache (else re-run the decoder each step).
+    eos_id: the token that ends a row (static); an id outside the vocabulary (e.g. -1) ends
+      none, so every row runs ``max_decode_len`` steps (HF's ``generate(eos_token_id=None)``).
 
   Returns:
     [B, max_decode_len] tokens, without the start token.
@@ -223,7 +225,7 @@ def greedy_decode(
     logits, state = step_fn(state, buf, i)
     nxt = jnp.where(done, PAD_ID, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
     buf = jax.lax.dynamic_update_index_in_dim(buf, nxt, i + 1, axis=1)
-    return i + 1, buf, done | (nxt == EOS_ID), state
+    return i + 1, buf, done | (nxt == eos_id), state
 
   def running(carry):  # stop once every row has ended: the rest of the buffer stays PAD
     i, _, done, _ = carry
@@ -287,7 +289,8 @@ def beam_search(
     max_decode_len: most tokens generated per hypothesis (static), HF's ``max_new_tokens``.
     length_penalty: exponent ``alpha`` of the length in the finished score (may be traced).
     early_stopping: ``True``, ``False`` or ``"never"`` as above (a Python value, not traced).
-    eos_id: end-of-sequence token (static).
+    eos_id: end-of-sequence token (static); an id outside the vocabulary (e.g. -1) ends no
+      hypothesis before ``max_decode_len`` (HF's ``generate(eos_token_id=None)``).
     use_cache: decode incrementally with a KV cache (else re-run the decoder each step).
 
   Returns:

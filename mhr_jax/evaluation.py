@@ -127,14 +127,17 @@ class RoutedFeatureConverter(seqio.EncDecFeatureConverter):
 # ----------------------------------------------------------------------------- compiled model calls
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("max_decode_len", "num_beams"))
-def _generate(graphdef, state, encoder_input_tokens, task_ids, *, max_decode_len, num_beams):
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=("max_decode_len", "num_beams", "eos_id"))
+def _generate(graphdef, state, encoder_input_tokens, task_ids, *, max_decode_len, num_beams,
+              eos_id):
   model = nnx.merge(graphdef, state)
   if num_beams > 1:
     tokens, _ = decoding.beam_search(model, encoder_input_tokens, task_ids, num_beams=num_beams,
-                                     max_decode_len=max_decode_len)
+                                     max_decode_len=max_decode_len, eos_id=eos_id)
     return tokens[:, 0]  # [B, K, T] -> the best beam [B, T]
-  return decoding.greedy_decode(model, encoder_input_tokens, task_ids, max_decode_len)
+  return decoding.greedy_decode(model, encoder_input_tokens, task_ids, max_decode_len,
+                                eos_id=eos_id)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -200,12 +203,15 @@ class ModelFns:
     buckets: length buckets (`length_buckets.check`); empty keeps the fixed lengths.
     choices: for rank classification, ``[N, C, Lt]`` tokens of every example's answer choices
       (index i of the task's cached examples), all-padding for missing choices.
+    eos_id: the token that ends a prediction; -1 ends none, so every prediction runs
+      ``max_decode_len`` tokens (the generation benchmark's equal work on both sides).
   """
 
   def __init__(self, model: network.T5, *, batch_size: int, max_decode_len: int,
                num_beams: int = 1, buckets: Optional[Mapping[str, Sequence[int]]] = None,
-               choices: Optional[np.ndarray] = None):
+               choices: Optional[np.ndarray] = None, eos_id: int = decoding.EOS_ID):
     self._graphdef, self._state = nnx.split(model)
+    self.eos_id = eos_id
     self.batch_size = batch_size
     self.max_decode_len = max_decode_len
     self.num_beams = num_beams
@@ -217,7 +223,7 @@ class ModelFns:
     return np.asarray(_generate(
         self._graphdef, self._state, jnp.asarray(feats["encoder_input_tokens"]),
         jnp.asarray(feats["task_ids"]), max_decode_len=self.max_decode_len,
-        num_beams=self.num_beams))
+        num_beams=self.num_beams, eos_id=self.eos_id))
 
   def _target_loglik(self, feats) -> np.ndarray:
     feats = length_buckets.trim(feats, self.buckets)
