@@ -10,19 +10,21 @@ differs), in turn in one process (``eval_speed.interleave``):
   step_greedy   one cached decoder step on B rows (half the new tokens already in the cache)
   step_beam4    the same on B * 4 rows
   select_beam4  beam search's bookkeeping per step on B * 4 rows: log-softmax of the logits, the
-                best 2 * 4 of 4 * V candidates per example, and the cache reordered to the parents
-                (ours the self-attention cache, transformers' ``EncoderDecoderCache`` both caches)
+                best 2 * 4 of 4 * V candidates per example, and the cache reordered to the
+                parents (ours the self-attention cache, transformers' ``EncoderDecoderCache``
+                both caches)
+  generate_greedy / generate_beam4  the whole generation of the batch (ours the evaluation's
+                compiled ``_generate``, PEFT ``generate``), no EOS, as ``generation_speed`` runs
 
 Each piece compiled (ours) or in inference mode (PyTorch), same weights, same task-id routing.
-A whole generation costs about ``encode + new_tokens * (step + select)`` plus the loop's own
-overhead, which ``generation_speed``'s pass times minus these pieces show.
+A whole generation costs ``encode + new_tokens * (step + select)`` plus the loop's own
+overhead per step, which ``generate`` minus the pieces shows.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import pathlib
 
 import numpy as np
@@ -39,7 +41,7 @@ def ours_pieces(model, enc, tids, new_tokens: int) -> dict:
   import jax.numpy as jnp
   from flax import nnx
 
-  from mhr_jax import decoding
+  from mhr_jax import decoding, evaluation
 
   graphdef, state = nnx.split(model)
   k = gs.BEAMS
@@ -52,14 +54,18 @@ def ours_pieces(model, enc, tids, new_tokens: int) -> dict:
   def step(state, cache, tokens, position):
     return decoding.decode_step(nnx.merge(graphdef, state), cache, tokens, position)
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def select(b, logits, scores, cache):
-    v = logits.shape[-1]
+  @jax.jit
+  def select(logits, scores, cache):
+    b, v = scores.shape[0], logits.shape[-1]
     # [B * K, V] -> [B, K, V] -> [B, K * V]
     cand = (jax.nn.log_softmax(logits).reshape(b, k, v) + scores[:, :, None]).reshape(b, k * v)
-    top, idx = jax.lax.top_k(cand, 2 * k)
+    # Compiled alone with the gathers below fused into it, XLA:CPU made this top-k a full sort
+    # of the K * V candidates (1.5 s instead of 50 ms); in beam_search's loop it stays a top-k
+    # (the compiled program's TopK call), so the barrier keeps this piece like the loop's.
+    top, idx = jax.lax.optimization_barrier(jax.lax.top_k(cand, 2 * k))
     rows = (idx[:, :k] // v + jnp.arange(b)[:, None] * k).reshape(b * k)
-    return top, decoding.reorder_cache(cache, rows)
+    new = decoding.reorder_cache(cache, rows)  # only the self-attention state is returned
+    return top, new.self_k, new.self_v
 
   enc, tids = jnp.asarray(enc), jnp.asarray(tids)
   encoded = encode(state, enc, tids)
@@ -71,11 +77,15 @@ def ours_pieces(model, enc, tids, new_tokens: int) -> dict:
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(b * k, model.config.vocab_size)),
                        jnp.float32)
   scores = jnp.zeros((b, k))
+  gen = lambda beams: lambda: evaluation._generate(
+      graphdef, state, enc, tids, max_decode_len=new_tokens, num_beams=beams,
+      eos_id=gs.NO_EOS).block_until_ready()
   return {
+      "ours_generate_greedy": gen(1), f"ours_generate_beam{k}": gen(k),
       "ours_encode": lambda: encode(state, enc, tids).block_until_ready(),
       "ours_step_greedy": lambda: step(state, caches[1], tokens[1], pos)[0].block_until_ready(),
       f"ours_step_beam{k}": lambda: step(state, caches[k], tokens[k], pos)[0].block_until_ready(),
-      f"ours_select_beam{k}": lambda: select(b, logits, scores, caches[k])[0].block_until_ready(),
+      f"ours_select_beam{k}": lambda: select(logits, scores, caches[k])[0].block_until_ready(),
   }
 
 
@@ -100,7 +110,11 @@ def peft_pieces(peft_model, enc, tids, new_tokens: int) -> dict:
 
   encode = lambda: hf.get_encoder()(input_ids=enc, attention_mask=mask)[0]
   hidden = with_ids(len(tids), encode)()
-  pieces = {"peft_encode": with_ids(len(tids), encode)}
+  generate = lambda beams: with_ids(len(tids), lambda: peft_model.generate(
+      input_ids=enc, attention_mask=mask, max_new_tokens=new_tokens, num_beams=beams,
+      do_sample=False, eos_token_id=None))
+  pieces = {"peft_generate_greedy": generate(1), f"peft_generate_beam{k}": generate(k),
+            "peft_encode": with_ids(len(tids), encode)}
   for n, name in ((1, "greedy"), (k, f"beam{k}")):
     h, m = hidden.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
     prefix = torch.full((h.shape[0], half), 5)
