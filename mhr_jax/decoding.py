@@ -1,8 +1,9 @@
 """Decoding for evaluation: greedy and beam search with a KV cache, and choice scoring.
 
-Both searches run the encoder once per example. Beam search then repeats the encoder outputs, the
-encoder tokens and the task ids per beam (example ``b``'s beams are rows ``b * num_beams + k``),
-so every beam of an example goes through the adapters with that example's task id.
+Both searches run the encoder once per example. Beam search computes each cross-attention's keys
+and values once per example too, then repeats them, the encoder mask and the task ids per beam
+(example ``b``'s beams are rows ``b * num_beams + k``), so every beam of an example goes through
+the adapters with that example's task id.
 
 The cached decoder reuses the T5's own modules and parameters, calling each dense layer through
 ``Dense.__call__`` with the task ids, so adapters act exactly as in ``T5.decode``. Self-attention
@@ -162,29 +163,43 @@ def reorder_cache(cache: DecodeCache, rows: Array) -> DecodeCache:
 
 
 class _Decoder:
-  """Next-token logits for rows of a [N, max_decode_len + 1] token buffer, cached or not."""
+  """Next-token logits for rows of a [N, max_decode_len + 1] token buffer, cached or not.
 
-  def __init__(self, model: T5, encoded, encoder_input_tokens, task_ids, max_decode_len, use_cache):
+  The encoder outputs, tokens and task ids are per example ([B, ...]); with ``beams`` > 1 the
+  decoder's rows are example b's beams ``b * beams + k`` (N = B * beams). The cross-attention keys
+  and values are computed once per example and repeated per beam: beams share them.
+  """
+
+  def __init__(self, model: T5, encoded, encoder_input_tokens, task_ids, max_decode_len, use_cache,
+               beams: int = 1):
     self.model = model
     self.encoded = encoded
     self.encoder_input_tokens = encoder_input_tokens
     self.task_ids = task_ids
     self.max_decode_len = max_decode_len
     self.use_cache = use_cache
+    self.beams = beams
+
+  def _per_beam(self, tree):
+    """[B, ...] leaves -> [B * beams, ...], example b's rows first."""
+    if self.beams == 1:
+      return tree
+    return jax.tree.map(lambda x: jnp.repeat(x, self.beams, axis=0), tree)
 
   def init(self):
     if not self.use_cache:
       return ()
-    return init_cache(
-        self.model, self.encoded, self.encoder_input_tokens, self.task_ids, self.max_decode_len)
+    return self._per_beam(init_cache(
+        self.model, self.encoded, self.encoder_input_tokens, self.task_ids, self.max_decode_len))
 
   def __call__(self, state, buf: Array, i) -> tuple[Array, object]:
     """Logits [N, V] for position ``i + 1`` given ``buf[:, :i + 1]``; returns the new state."""
     if self.use_cache:
       return decode_step(self.model, state, buf[:, i], i)
     # Re-runs the decoder over the whole fixed-size buffer; causal masking ignores later slots.
-    logits = self.model.decode(
-        self.encoded, self.encoder_input_tokens, buf[:, :self.max_decode_len], self.task_ids)
+    encoded, tokens, task_ids = self._per_beam(
+        (self.encoded, self.encoder_input_tokens, self.task_ids))
+    logits = self.model.decode(encoded, tokens, buf[:, :self.max_decode_len], task_ids)
     # [N, L, V] -> [N, V]
     return jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False), state
 
@@ -324,10 +339,8 @@ def _beam_search(
   b = encoder_input_tokens.shape[0]
   k, t = num_beams, max_decode_len
   encoded = model.encode(encoder_input_tokens, task_ids, deterministic=True)
-  # Example b's beams are rows b * K + j: [B, ...] -> [B * K, ...]
-  rep = lambda x: None if x is None else jnp.repeat(x, k, axis=0)
-  step_fn = _Decoder(
-      model, rep(encoded), rep(encoder_input_tokens), rep(task_ids), t, use_cache)
+  # Example b's beams are decoder rows b * K + j.
+  step_fn = _Decoder(model, encoded, encoder_input_tokens, task_ids, t, use_cache, beams=k)
 
   seqs = jnp.zeros((b, k, t + 1), jnp.int32)
   # Only beam 0 is live at the start, so the first step does not pick the same token K times.
