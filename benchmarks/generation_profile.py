@@ -23,9 +23,7 @@ overhead per step, which ``generate`` minus the pieces shows.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import pathlib
 
 import numpy as np
 
@@ -177,24 +175,9 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--inputs", nargs="+", choices=sorted(gs.INPUTS), default=list(gs.INPUTS))
-  parser.add_argument("--batch", type=int, help="examples per batch (else the shape's own)")
-  parser.add_argument("--new_tokens", type=int, help="cache length (else the shape's own)")
-  parser.add_argument("--rounds", type=int, default=5, help="timed calls per piece")
-  parser.add_argument("--shape", default="small", choices=sorted(es.SHAPES))
-  parser.add_argument("--out", default="docs/bench/generation_speed")
-  parser.add_argument("--all_cores", action="store_true",
-                      help="do not pin the process to one core (see eval_speed.pin_to_one_core)")
-  args = parser.parse_args(argv)
-  if not args.all_cores:
-    es.pin_to_one_core()
-  records = measure(args.inputs, args.shape, args.rounds, args.batch, args.new_tokens)
-  text = table(records)
-  es.write_records(pathlib.Path(args.out), NAME, records, text)
-  print(text)
-  return 0
+  args = gs.arg_parser(__doc__, rounds=5).parse_args(argv)
+  return gs.run(args, NAME, lambda: measure(args.inputs, args.shape, args.rounds, args.batch,
+                                            args.new_tokens), table)
 
 
 if __name__ == "__main__":

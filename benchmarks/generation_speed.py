@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import dataclasses
 import pathlib
-from typing import Any
 
 import numpy as np
 
@@ -214,27 +213,38 @@ def table(records: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
+def arg_parser(doc: str, rounds: int) -> argparse.ArgumentParser:
+  """The options of both generation benchmarks (this one and ``generation_profile``)."""
+  parser = argparse.ArgumentParser(description=doc,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--inputs", nargs="+", choices=sorted(INPUTS), default=list(INPUTS))
-  parser.add_argument("--n_examples", type=int, help="examples per input shape (else its own)")
   parser.add_argument("--batch", type=int, help="examples per batch (else the shape's own)")
   parser.add_argument("--new_tokens", type=int, help="tokens generated (else the shape's own)")
-  parser.add_argument("--rounds", type=int, default=2, help="timed passes per variant")
+  parser.add_argument("--rounds", type=int, default=rounds, help="timed calls per variant")
   parser.add_argument("--shape", default="small", choices=sorted(es.SHAPES))
   parser.add_argument("--out", default="docs/bench/generation_speed")
   parser.add_argument("--all_cores", action="store_true",
                       help="do not pin the process to one core (see eval_speed.pin_to_one_core)")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def run(args, name: str, measure_fn, table_fn) -> int:
+  """Pins the process (unless ``--all_cores``), measures, writes the records and the table."""
   if not args.all_cores:
     es.pin_to_one_core()
-  records = measure(args.inputs, args.shape, args.rounds, args.n_examples, args.batch,
-                    args.new_tokens)
-  text = table(records)
-  es.write_records(pathlib.Path(args.out), NAME, records, text)
+  records = measure_fn()
+  text = table_fn(records)
+  es.write_records(pathlib.Path(args.out), name, records, text)
   print(text)
   return 0
+
+
+def main(argv=None) -> int:
+  parser = arg_parser(__doc__, rounds=2)
+  parser.add_argument("--n_examples", type=int, help="examples per input shape (else its own)")
+  args = parser.parse_args(argv)
+  return run(args, NAME, lambda: measure(args.inputs, args.shape, args.rounds, args.n_examples,
+                                         args.batch, args.new_tokens), table)
 
 
 if __name__ == "__main__":
