@@ -164,7 +164,8 @@ def measure(names, shape: str, rounds: int, batch=None, new_tokens=None) -> list
 def table(records: list[dict]) -> str:
   """Milliseconds of every piece, ours and PEFT, and PEFT / ours."""
   pieces = [k[len("ours_"):] for k in records[0]["piece_s"] if k.startswith("ours_")]
-  lines = ["| inputs | batch x input tokens | new tokens | piece | ours ms | PEFT ms | PEFT / ours |",
+  lines = ["| inputs | batch x input tokens | new tokens | piece | ours ms | PEFT ms"
+           " | PEFT / ours |",
            "|---|---|---|---|---|---|---|"]
   for r in records:
     for p in pieces:

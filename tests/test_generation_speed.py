@@ -70,4 +70,5 @@ def test_tiny_profile_times_every_piece_on_both_sides(tmp_path, monkeypatch):
             "select_beam4"}
   assert set(rec["piece_s"]) == {f"{side}_{p}" for side in ("ours", "peft") for p in pieces}
   assert all(v > 0 for v in rec["piece_s"].values())
-  assert "| synthetic | 4 x 8 | 4 | step_beam4 |" in (tmp_path / "generation_profile.md").read_text()
+  table = (tmp_path / "generation_profile.md").read_text()
+  assert "| synthetic | 4 x 8 | 4 | step_beam4 |" in table
