@@ -60,3 +60,27 @@ def test_cut_batch_gives_the_same_loss():
   cut = length_buckets.trim(batch, {"inputs": (8,), "targets": (4,)})
   np.testing.assert_allclose(loss(model, {k: jnp.asarray(v) for k, v in cut.items()}), full,
                              rtol=1e-5)
+
+
+def test_cut_multiple_choice_batch_gives_the_same_tfew_loss():
+  """T-Few batches (``choices.multiple_choice_rows``: a row per (example, choice)) cut to their
+  buckets give the same LM, choice and unlikelihood losses as at the fixed lengths."""
+  model = network.T5(network.preset("tiny", vocab_size=40, num_layers=1, dropout_rate=0.0),
+                     rngs=nnx.Rngs(1))
+  n_choices = 2
+  batch = _batch([5, 5, 9, 9], [3, 2, 1, 4], seed=3)  # two examples, each input on its 2 rows
+  batch["encoder_input_tokens"][1] = batch["encoder_input_tokens"][0]
+  batch["encoder_input_tokens"][3] = batch["encoder_input_tokens"][2]
+  batch["is_correct"] = np.array([1, 0, 0, 1], np.int32)
+
+  @nnx.jit
+  def losses(model, b):
+    return models.tfew_loss_fn(model, b, n_choices, deterministic=True)
+
+  full_loss, full_aux = losses(model, {k: jnp.asarray(v) for k, v in batch.items()})
+  cut = length_buckets.trim(batch, {"inputs": (4, 12), "targets": (2, 4)})
+  assert cut["encoder_input_tokens"].shape[-1] == 12 and cut["decoder_target_tokens"].shape[-1] == 4
+  cut_loss, cut_aux = losses(model, {k: jnp.asarray(v) for k, v in cut.items()})
+  np.testing.assert_allclose(cut_loss, full_loss, rtol=1e-5)
+  for name in full_aux:
+    np.testing.assert_allclose(cut_aux[name], full_aux[name], rtol=1e-5, atol=1e-7, err_msg=name)
