@@ -142,9 +142,10 @@ VARIANTS = (Variant("ours"), Variant("ours", "bfloat16"), Variant("ours", "bfloa
 def step_configs(shape: str, quick: bool, methods: tuple[str, ...] = ("poly", "mhr")):
   """Poly (S = 1) and MHR (S = 8) step configurations (T0's rank 1) at ``shape``, float32."""
   from benchmarks.configs import StepConfig  # noqa: PLC0415
+  from mhr_jax import modes  # noqa: PLC0415
   size = dict(batch=2, in_len=16, tgt_len=8) if quick else dict(batch=8, in_len=128, tgt_len=32)
-  return [StepConfig(shape=shape, method=m, n_splits=1 if m == "poly" else 8, rank=1, n_tasks=8,
-                     **size) for m in methods]
+  return [StepConfig(shape=shape, method=m, n_splits=1 if modes.get_mode(m).single_split else 8,
+                     rank=1, n_tasks=8, **size) for m in methods]
 
 
 def measure_steps(shape: str, rounds: int, quick: bool,
