@@ -5,12 +5,25 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import pytest
+
 from mhr_jax import compilation_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_folder_rules(monkeypatch, tmp_path):
+@pytest.fixture
+def no_jax_cache_setting():
+  """JAX's own cache setting unset for the test: an earlier test of the session that ran
+  ``python -m mhr_jax.train``'s main in-process has configured the cache, and rule 3 would win."""
+  before = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", None)
+  yield
+  jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_folder_rules(monkeypatch, tmp_path, no_jax_cache_setting):
   monkeypatch.delenv(compilation_cache.ENV, raising=False)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   assert compilation_cache.resolve() == str(tmp_path / "xdg" / "mhr_jax" / "jax")
@@ -20,6 +33,9 @@ def test_folder_rules(monkeypatch, tmp_path):
   assert compilation_cache.resolve("off") is None
   monkeypatch.setenv(compilation_cache.ENV, "OFF")
   assert compilation_cache.resolve() is None
+  monkeypatch.delenv(compilation_cache.ENV)
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))  # JAX's own setting
+  assert compilation_cache.resolve() == str(tmp_path / "jax")
 
 
 def test_programs_are_written_to_the_cache(tmp_path):
