@@ -7,6 +7,17 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
+# Training runs inside the tests (in-process or as subprocesses) share a compilation cache of
+# this session, removed at its end, instead of writing to the user's ~/.cache/mhr_jax/jax.
+if "MHR_COMPILATION_CACHE" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+
+  _cache = tempfile.mkdtemp(prefix="mhr_jax_tests_jax_cache_")
+  os.environ["MHR_COMPILATION_CACHE"] = _cache
+  atexit.register(shutil.rmtree, _cache, True)
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
