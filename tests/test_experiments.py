@@ -71,6 +71,9 @@ def _gin_overlay(workdir: pathlib.Path) -> str:
   return "\n".join(lines) + "\n"
 
 
+# ~60-100 s on 2 cores; `bash .ci/run` runs every stage of the same job at smoke size (README
+# command 1 with overlays/synthetic_smoke.gin) before the tests.
+@pytest.mark.slow
 def test_every_stage_of_the_job_runs_at_tiny_sizes(tmp_path):
   """The default job's command on its gin file, every method, a step or two per stage.
 
